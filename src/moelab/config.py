@@ -1,0 +1,351 @@
+"""Typed model configuration, TOML loading and strict validation.
+
+Field names follow Hugging Face's ``DeepseekV2Config`` / ``DeepseekV3Config`` (and the hub
+``config.json`` files shipped with DeepSeek checkpoints), so a ``config.json`` maps one-to-one
+(see :mod:`moelab.interop.hf_config`). A few fields are moelab settings that the papers or the
+implementations leave open; each is documented below with its default.
+
+A TOML config holds the model under ``[model]`` (later stages add their own sections)::
+
+    [model]
+    vocab_size = 512
+    hidden_size = 128
+    ...
+    [model.rope_scaling]
+    type = "yarn"
+    factor = 4.0
+    original_max_position_embeddings = 256
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from moelab.errors import ConfigError, did_you_mean
+
+ScoringFunc = Literal["softmax", "sigmoid"]
+TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class RopeScaling(_Strict):
+    """YaRN context extension (METHODS.md §4). Applies to the RoPE dimensions only.
+
+    ``mscale`` scales cos/sin by ``mscale(s, mscale)/mscale(s, mscale_all_dim)``;
+    ``mscale_all_dim`` scales the softmax by ``mscale(s, mscale_all_dim)**2``.
+    """
+
+    type: Literal["yarn"] = "yarn"
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+    @model_validator(mode="after")
+    def _check(self) -> RopeScaling:
+        if self.factor < 1.0:
+            raise ValueError(f"rope_scaling.factor must be >= 1 (got {self.factor}); YaRN only extends context")
+        if self.original_max_position_embeddings <= 0:
+            raise ValueError("rope_scaling.original_max_position_embeddings must be positive")
+        if self.beta_fast <= self.beta_slow:
+            raise ValueError(
+                f"rope_scaling.beta_fast ({self.beta_fast}) must exceed beta_slow ({self.beta_slow}): "
+                "beta_fast bounds the dimensions kept as-is, beta_slow those fully interpolated"
+            )
+        return self
+
+
+class ModelConfig(_Strict):
+    """A DeepSeek-style decoder: DeepSeekMoE feed-forward layers and MLA (or MHA/GQA) attention.
+
+    Defaults follow Hugging Face's ``DeepseekV3Config`` where it has the field.
+    """
+
+    #: Hugging Face model type written on export: deepseek_v3 (sigmoid/noaux_tc routers), deepseek_v2
+    #: (softmax, greedy or group-limited), deepseek (hub DeepSeekMoE: MHA, Llama-style RoPE).
+    #: None = derived from the router and attention (see ``hf_model_type``).
+    model_type: Literal["deepseek_v3", "deepseek_v2", "deepseek"] | None = None
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432  # width of the dense SwiGLU layers
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    num_key_value_heads: int | None = None  # MHA/GQA only; None = num_attention_heads
+    hidden_act: Literal["silu"] = "silu"
+    max_position_embeddings: int = 4096
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    pad_token_id: int | None = None
+
+    # --- DeepSeekMoE (METHODS.md §1) --------------------------------------------------------
+    n_routed_experts: int | None = 256  # None or 0: a dense model
+    n_shared_experts: int | None = 1
+    num_experts_per_tok: int | None = 8
+    moe_intermediate_size: int = 2048
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+
+    # --- routing (METHODS.md §2) ------------------------------------------------------------
+    scoring_func: ScoringFunc = "sigmoid"
+    topk_method: TopkMethod = "noaux_tc"
+    n_group: int | None = 1
+    topk_group: int | None = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    #: moelab setting. HF V3 (our default) always multiplies by routed_scaling_factor; the hub V2
+    #: code does so only when the top-k weights were not renormalised. True reproduces hub V2.
+    scale_only_if_unnormalized: bool = False
+    # Hub-only fields, kept for the balancing stage and for round trips; the model ignores them.
+    aux_loss_alpha: float = 0.0
+    seq_aux: bool = False
+    ep_size: int = 1
+    num_nextn_predict_layers: int = 0  # V3 multi-token-prediction layers are not built (skipped on load)
+
+    # --- attention (METHODS.md §4) ----------------------------------------------------------
+    use_mla: bool = True  # False: plain MHA/GQA (dense baselines, DeepSeek-VL2-Tiny, DeepSeekMoE)
+    q_lora_rank: int | None = 1536  # None: q_proj straight from the hidden state (V2-Lite)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    head_dim: int | None = None  # MHA/GQA only; None = hidden_size // num_attention_heads
+    attention_bias: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    #: Checkpoints rotate interleaved pairs (x0,x1),(x2,x3)...; False rotates halves (Llama style).
+    rope_interleave: bool = True
+    #: moelab setting: "naive" materialises per-head K/V, "absorb" attends against the latent.
+    attn_impl: Literal["absorb", "naive"] = "absorb"
+    #: moelab setting, [UNCERTAIN] in the sources: HF and hub code apply YaRN whenever it is
+    #: configured ("always"); the reference code only when max_position_embeddings exceeds the
+    #: original length ("when_longer").
+    yarn_apply: Literal["always", "when_longer"] = "always"
+    #: moelab setting: which kernel computes the routed experts (see moelab.model.experts).
+    expert_impl: Literal["loop", "grouped_mm"] = "loop"
+
+    # ---------------------------------------------------------------------------------------
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        problems: list[str] = []
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "max_position_embeddings", "moe_layer_freq"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive (got {getattr(self, name)})")
+        if self.intermediate_size <= 0 and self.first_k_dense_replace > 0:
+            problems.append("intermediate_size must be positive when there are dense layers")
+        for name in ("first_k_dense_replace", "n_shared_experts", "n_routed_experts", "rms_norm_eps",
+                     "initializer_range"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                problems.append(f"{name} must not be negative (got {v})")
+        if self.first_k_dense_replace > self.num_hidden_layers:
+            problems.append(
+                f"first_k_dense_replace ({self.first_k_dense_replace}) exceeds num_hidden_layers "
+                f"({self.num_hidden_layers})")
+        for tok in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, tok)
+            if v is not None and not 0 <= v < self.vocab_size:
+                problems.append(f"{tok} ({v}) must lie in [0, vocab_size={self.vocab_size})")
+        if self.is_moe:
+            problems += self._check_moe()
+        problems += self._check_attention()
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _check_moe(self) -> list[str]:
+        p: list[str] = []
+        E, K = self.n_routed_experts or 0, self.num_experts_per_tok
+        if K is None or K <= 0:
+            return [f"num_experts_per_tok must be a positive integer for an MoE model (got {K})"]
+        if self.moe_intermediate_size <= 0:
+            p.append(f"moe_intermediate_size must be positive (got {self.moe_intermediate_size})")
+        if K > E:
+            p.append(f"num_experts_per_tok ({K}) is larger than n_routed_experts ({E}): top-k cannot "
+                     "pick more experts than exist")
+        if self.routed_scaling_factor <= 0:
+            p.append(f"routed_scaling_factor must be positive (got {self.routed_scaling_factor})")
+        if self.topk_method == "greedy":
+            return p
+        G, TG = self.n_group or 1, self.topk_group or 1
+        if G <= 0 or TG <= 0:
+            return p + [f"n_group ({G}) and topk_group ({TG}) must be positive"]
+        if E % G:
+            p.append(f"n_group ({G}) does not divide n_routed_experts ({E}): groups must be equal in size")
+            return p
+        if TG > G:
+            p.append(f"topk_group ({TG}) is larger than n_group ({G}): cannot keep more groups than exist")
+        elif K > TG * (E // G):
+            p.append(f"num_experts_per_tok ({K}) exceeds the experts in the kept groups "
+                     f"(topk_group {TG} x {E // G} experts per group)")
+        if self.topk_method == "noaux_tc" and E // G < 2:
+            p.append(f"topk_method 'noaux_tc' scores a group by its top-2 experts, so each group needs >= 2 "
+                     f"experts (n_routed_experts {E} / n_group {G} = {E // G})")
+        return p
+
+    def _check_attention(self) -> list[str]:
+        p: list[str] = []
+        if self.use_mla:
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                if getattr(self, name) <= 0:
+                    p.append(f"{name} must be positive (got {getattr(self, name)})")
+            if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+                p.append(f"q_lora_rank must be positive or null (got {self.q_lora_rank})")
+            if self.qk_rope_head_dim % 2:
+                p.append(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even: RoPE rotates pairs")
+        else:
+            kv = self.num_key_value_heads or self.num_attention_heads
+            if kv <= 0 or self.num_attention_heads % kv:
+                p.append(f"num_key_value_heads ({kv}) must divide num_attention_heads "
+                         f"({self.num_attention_heads})")
+            if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+                p.append(f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                         f"({self.num_attention_heads}); set head_dim explicitly")
+            if self.attn_head_dim % 2:
+                p.append(f"head_dim ({self.attn_head_dim}) must be even: RoPE rotates pairs")
+        return p
+
+    # --- derived quantities -----------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.n_routed_experts)
+
+    def is_moe_layer(self, idx: int) -> bool:
+        """Layer ``idx`` uses DeepSeekMoE (else a dense SwiGLU), as in the hub code."""
+        return self.is_moe and idx >= self.first_k_dense_replace and idx % self.moe_layer_freq == 0
+
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    @property
+    def hf_model_type(self) -> str:
+        """The Hugging Face ``model_type`` to export as (explicit, or the closest match)."""
+        if self.model_type:
+            return self.model_type
+        if not self.use_mla:
+            return "deepseek"
+        if self.is_moe and (self.scoring_func == "sigmoid" or self.topk_method == "noaux_tc"):
+            return "deepseek_v3"
+        return "deepseek_v2"
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def attn_head_dim(self) -> int:
+        """Head size of MHA/GQA attention."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Number of rotated dimensions per head."""
+        return self.qk_rope_head_dim if self.use_mla else self.attn_head_dim
+
+    @property
+    def yarn_active(self) -> bool:
+        rs = self.rope_scaling
+        if rs is None or rs.factor <= 1.0:
+            return False
+        if self.yarn_apply == "when_longer":
+            return self.max_position_embeddings > rs.original_max_position_embeddings
+        return True
+
+    @property
+    def softmax_scale(self) -> float:
+        """``d_qk^-0.5``, times ``mscale(s, mscale_all_dim)**2`` under YaRN (METHODS.md §4)."""
+        d = self.qk_head_dim if self.use_mla else self.attn_head_dim
+        scale = d**-0.5
+        if self.yarn_active and self.rope_scaling.mscale_all_dim:
+            m = yarn_mscale(self.rope_scaling.factor, self.rope_scaling.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    def cache_elems_per_token(self) -> int:
+        """Decoding-cache values per token over all layers (latent + RoPE key for MLA)."""
+        if self.use_mla:
+            return (self.kv_lora_rank + self.qk_rope_head_dim) * self.num_hidden_layers
+        return 2 * self.kv_heads * self.attn_head_dim * self.num_hidden_layers
+
+    def mha_cache_elems_per_token(self) -> int:
+        """What a naive/MHA cache of the same attention would hold: per-head K and V per layer."""
+        if self.use_mla:
+            return self.num_attention_heads * (self.qk_head_dim + self.v_head_dim) * self.num_hidden_layers
+        return 2 * self.num_attention_heads * self.attn_head_dim * self.num_hidden_layers
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN attention temperature factor ``0.1·m·ln(s) + 1`` (1 when s <= 1)."""
+    return 1.0 if scale <= 1.0 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _format_validation_error(err: ValidationError, where: str, model: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parent = model
+            for part in e["loc"][:-1]:  # walk nested models to suggest from the right field set
+                field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
+                ann = getattr(field, "annotation", None)
+                parent = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)
+                               and issubclass(a, BaseModel)), None)
+            fields = parent.model_fields if parent else {}
+            lines.append(f"unknown key '{loc}' in {where}{did_you_mean(str(e['loc'][-1]), fields)}")
+        elif e["type"] == "value_error":
+            lines.append(f"{where}: {str(e['msg']).removeprefix('Value error, ')}")
+        else:
+            lines.append(f"{where}.{loc}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config — " + "; ".join(lines)
+
+
+def make_config(values: dict[str, Any], where: str = "[model]") -> ModelConfig:
+    """Build a :class:`ModelConfig`, turning validation failures into a readable :class:`ConfigError`."""
+    try:
+        return ModelConfig(**values)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, where, ModelConfig)) from None
+
+
+#: Top-level TOML sections moelab knows. Later stages register theirs here.
+KNOWN_SECTIONS = {"model"}
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    for key in data:
+        if key not in KNOWN_SECTIONS:
+            raise ConfigError(f"unknown section [{key}] in {path}{did_you_mean(key, KNOWN_SECTIONS)}; "
+                              f"known sections: {', '.join(sorted(KNOWN_SECTIONS))}")
+    if "model" not in data:
+        raise ConfigError(f"{path} has no [model] section")
+    return data
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """Read the ``[model]`` section of a TOML file into a validated :class:`ModelConfig`."""
+    return make_config(read_toml(path)["model"], where=f"[model] of {path}")

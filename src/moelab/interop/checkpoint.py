@@ -1,0 +1,322 @@
+"""Load and save Hugging Face-format checkpoints (config.json + safetensors, sharded or not).
+
+On disk, names are exactly those of transformers' DeepseekV2/V3 (per-expert
+``mlp.experts.{e}.{gate,up,down}_proj.weight``); in memory the routed experts are stacked
+(``mlp.experts.gate_up_proj [E, 2I, H]``, ``mlp.experts.down_proj [E, H, I]``). This file is the only
+place that knows both. Weights are read with safetensors only: pickles are never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moelab.config import ModelConfig
+from moelab.errors import CheckpointError
+from moelab.interop.hf_config import config_to_hf, read_config_json
+from moelab.model.transformer import DeepSeekForCausalLM
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+# ----------------------------------------------------------------------------------------------
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, from its index if it has one."""
+    index = directory / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
+        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shard(s) that do not exist: {', '.join(missing)}")
+        return files
+    if (directory / SINGLE).is_file():
+        return [directory / SINGLE]
+    found = sorted(directory.glob("*.safetensors"))
+    if found:
+        return found
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{directory} holds only pickle weights ({', '.join(pickles[:3])}); moelab never unpickles "
+            "files. Convert them to safetensors (e.g. with transformers: load, then "
+            "save_pretrained(..., safe_serialization=True)) and try again")
+    raise CheckpointError(f"{directory} has no weights: expected {SINGLE} or sharded safetensors with {INDEX}")
+
+
+def _check_safetensors(path: Path) -> None:
+    """Reject pickles and truncated files with a clear message before safetensors sees them."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head[:2] == b"\x80\x02" or head[:2] == b"PK" or head[:1] == b"\x80":
+            raise CheckpointError(f"{path} is a pickle/zip file, not safetensors; moelab never unpickles files")
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is truncated or empty (no safetensors header)")
+        n = int.from_bytes(head, "little")
+        size = path.stat().st_size
+        if n <= 0 or 8 + n > size:
+            raise CheckpointError(f"{path} is not a valid safetensors file (header length {n} for a "
+                                  f"{size}-byte file): truncated or corrupt")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path} has a corrupt safetensors header") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path} is truncated: its header needs {8 + n + end} bytes, the file has {size}")
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """Yield (name, tensor, file) for every tensor in the given safetensors files."""
+    for path in files:
+        _check_safetensors(path)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield name, f.get_tensor(name), path
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt data
+            raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def _shape(t) -> str:
+    return "[" + ", ".join(str(s) for s in t) + "]"
+
+
+def load_state_into(model: DeepSeekForCausalLM, files: list[Path]) -> None:
+    """Copy HF-named tensors into ``model`` (stacking experts), checking names and shapes."""
+    cfg = model.config
+    params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    expected = {k for k, _ in model.state_dict().items()}
+    filled: set[str] = set()
+    experts_seen: dict[str, set[tuple[int, str]]] = {}
+    unexpected: list[str] = []
+    for name, tensor, path in iter_tensors(files):
+        layer = _LAYER.match(name)
+        if layer and int(layer.group(1)) >= cfg.num_hidden_layers:
+            continue  # e.g. DeepSeek-V3's multi-token-prediction layer 61: not part of the LM
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        m = _EXPERT.match(name)
+        if m:
+            prefix, e, proj = m.group(1), int(m.group(2)), m.group(3)
+            target_name = f"{prefix}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+            if target_name not in params:
+                unexpected.append(name)
+                continue
+            target = params[target_name]
+            E, I = target.shape[0], cfg.moe_intermediate_size
+            want = (cfg.hidden_size, I) if proj == "down_proj" else (I, cfg.hidden_size)
+            if e >= E:
+                unexpected.append(name)
+                continue
+            if tuple(tensor.shape) != want:
+                raise CheckpointError(f"{path.name}: tensor {name} has shape {_shape(tensor.shape)}, "
+                                      f"the config expects {_shape(want)}")
+            with torch.no_grad():
+                if proj == "down_proj":
+                    target[e].copy_(tensor)
+                else:
+                    rows = slice(0, I) if proj == "gate_proj" else slice(I, 2 * I)
+                    target[e, rows].copy_(tensor)
+            experts_seen.setdefault(target_name, set()).add((e, proj))
+            continue
+        if name not in params:
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            unexpected.append(name)
+            continue
+        target = params[name]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(f"{path.name}: tensor {name} has shape {_shape(tensor.shape)}, the config "
+                                  f"expects {_shape(target.shape)}")
+        with torch.no_grad():
+            target.copy_(tensor)
+        filled.add(name)
+    if unexpected:
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise CheckpointError(f"checkpoint has tensor(s) the config does not describe: "
+                              f"{', '.join(unexpected[:5])}{more}; is config.json the one for these weights?")
+    missing = []
+    for name in sorted(expected):
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            E = params[name].shape[0]
+            projs = ("down_proj",) if name.endswith("down_proj") else ("gate_proj", "up_proj")
+            seen = experts_seen.get(name, set())
+            missing += [f"{name.rsplit('.', 1)[0]}.{e}.{p}.weight" for e in range(E) for p in projs
+                        if (e, p) not in seen]
+        elif name not in filled and not (name == "lm_head.weight" and cfg.tie_word_embeddings):
+            missing.append(name)
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"checkpoint is missing tensor(s): {', '.join(missing[:5])}{more}")
+
+
+def load(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+         **config_overrides) -> DeepSeekForCausalLM:
+    """Load a Hugging Face DeepSeek-V2/V3 (or moelab) checkpoint directory.
+
+    Args:
+        path: directory with ``config.json`` and ``model.safetensors`` or sharded safetensors + index.
+        dtype: parameter dtype; None keeps the dtype stored in the checkpoint. Router weights and the
+            balancing bias stay fp32.
+        device: where to put the weights.
+        **config_overrides: moelab settings to change, e.g. ``attn_impl="naive"``.
+
+    Returns the model in eval mode; ``model(input_ids)`` returns an object with ``.logits [B, T, V]``.
+    """
+    directory = Path(path)
+    if not directory.exists():
+        raise CheckpointError(f"checkpoint directory not found: {directory}")
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is a file; moelab.load wants the checkpoint directory "
+                              "(config.json + safetensors)")
+    cfg = read_config_json(directory, **config_overrides)
+    files = weight_files(directory)
+    with torch.device("meta"):
+        model = DeepSeekForCausalLM(cfg)
+    model.to_empty(device=device)
+    load_state_into(model, files)
+    model.reset_buffers()
+    if dtype is None:
+        dtype = _stored_dtype(files[0])
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return model.to(dtype).eval()
+
+
+def _stored_dtype(path: Path) -> torch.dtype:
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118
+            sl = f.get_slice(name)
+            dt = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(sl.get_dtype())
+            if dt is not None and not name.endswith(("gate.weight", "e_score_correction_bias")):
+                return dt
+    return torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------------------------
+def export_state_dict(model: DeepSeekForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) pairs, splitting stacked experts into per-expert tensors."""
+    cfg = model.config
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if name.endswith("experts.gate_up_proj"):
+            prefix, I = name.rsplit(".", 1)[0], cfg.moe_intermediate_size
+            for e in range(t.shape[0]):
+                yield f"{prefix}.{e}.gate_proj.weight", t[e, :I]
+                yield f"{prefix}.{e}.up_proj.weight", t[e, I:]
+        elif name.endswith("experts.down_proj"):
+            prefix = name.rsplit(".", 1)[0]
+            for e in range(t.shape[0]):
+                yield f"{prefix}.{e}.down_proj.weight", t[e]
+        else:
+            yield name, t
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", size, flags=re.I)
+    if not m:
+        raise CheckpointError(f"cannot read shard size {size!r}; use e.g. '5GB' or '500MB'")
+    unit = (m.group(2) or "B").upper().replace("IB", "B")
+    return int(float(m.group(1)) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[unit])
+
+
+def save(model: DeepSeekForCausalLM, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
+         tokenizer: str | os.PathLike | None = None, overwrite: bool = True) -> Path:
+    """Write ``model`` as a Hugging Face checkpoint directory that
+    ``transformers.AutoModelForCausalLM.from_pretrained`` opens.
+
+    Written atomically: everything goes to a temporary sibling directory that replaces ``path`` only
+    when complete. ``tokenizer`` may name a ``tokenizer.json`` file or a directory holding one.
+    """
+    if not isinstance(model, DeepSeekForCausalLM):
+        raise CheckpointError(f"moelab.save expects a moelab model, got {type(model).__name__}")
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is a file; give a directory path")
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; pass overwrite=True or choose another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _write(model, tmp, _parse_size(max_shard_size), tokenizer)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write(model: DeepSeekForCausalLM, directory: Path, shard_bytes: int, tokenizer) -> None:
+    cfg: ModelConfig = model.config
+    dtype_name = str(model.dtype).removeprefix("torch.")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in export_state_dict(model):
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    total = 0
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in shard.items()}
+        save_file(tensors, str(directory / fname), metadata={"format": "pt"})
+        total += sum(v.numel() * v.element_size() for v in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, fname))
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (directory / INDEX).write_text(json.dumps(index, indent=2))
+    (directory / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype_name), indent=2))
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}
+    (directory / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    if tokenizer is not None:
+        copy_tokenizer(Path(tokenizer), directory)
+
+
+def copy_tokenizer(src: Path, directory: Path) -> None:
+    """Copy a tokenizer (a tokenizer.json file, or a directory with one) next to the weights."""
+    src_dir = src if src.is_dir() else src.parent
+    tok = src if src.is_file() else src / "tokenizer.json"
+    if not tok.is_file():
+        raise CheckpointError(f"no tokenizer.json at {src}")
+    shutil.copyfile(tok, directory / "tokenizer.json")
+    for extra in TOKENIZER_FILES[1:]:
+        if (src_dir / extra).is_file():
+            shutil.copyfile(src_dir / extra, directory / extra)

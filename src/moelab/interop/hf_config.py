@@ -1,0 +1,176 @@
+"""``config.json`` <-> :class:`~moelab.config.ModelConfig`.
+
+Reads Hugging Face v5 configs (``rope_parameters``) and the hub configs shipped with DeepSeek
+checkpoints (``rope_theta`` + ``rope_scaling``, ``scoring_func``, ``topk_method``, ...). Keys missing
+from a file take the defaults of the Hugging Face class of its ``model_type``, as transformers would.
+Writes what transformers v5 writes, plus the hub-only routing fields so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from moelab.config import ModelConfig, make_config
+from moelab.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+# Defaults of transformers' DeepseekV2Config / DeepseekV3Config (and the hub DeepseekConfig) for
+# the fields moelab reads; a config.json that omits a field means these values.
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek_v3": dict(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+        num_hidden_layers=61, num_attention_heads=128, n_shared_experts=1, n_routed_experts=256,
+        routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
+        v_head_dim=128, qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8,
+        first_k_dense_replace=3, norm_topk_prob=True, max_position_embeddings=4096,
+        initializer_range=0.02, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1,
+        tie_word_embeddings=False, rope_interleave=True, attention_bias=False,
+        scoring_func="sigmoid", topk_method="noaux_tc", num_nextn_predict_layers=0),
+    "deepseek_v2": dict(
+        vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, max_position_embeddings=2048, initializer_range=0.02, rms_norm_eps=1e-6,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, attention_bias=False,
+        first_k_dense_replace=0, kv_lora_rank=512, q_lora_rank=1536, n_group=1, n_routed_experts=64,
+        n_shared_experts=2, qk_nope_head_dim=128, qk_rope_head_dim=64, routed_scaling_factor=1.0,
+        topk_group=1, topk_method="greedy", norm_topk_prob=False, v_head_dim=128,
+        num_experts_per_tok=6, moe_intermediate_size=1407, scoring_func="softmax", rope_interleave=True),
+    "deepseek": dict(
+        vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=30,
+        num_attention_heads=32, max_position_embeddings=2048, initializer_range=0.02, rms_norm_eps=1e-6,
+        bos_token_id=100000, eos_token_id=100001, tie_word_embeddings=False, attention_bias=False,
+        first_k_dense_replace=0, n_routed_experts=None, n_shared_experts=None, num_experts_per_tok=None,
+        moe_intermediate_size=1407, scoring_func="softmax", topk_method="greedy", norm_topk_prob=False,
+        use_mla=False, rope_interleave=False, n_group=1, topk_group=1),
+}
+
+_ARCH = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+         "deepseek": "DeepseekForCausalLM"}
+
+# Keys in real config.json files that carry no model semantics for moelab.
+_IGNORED = {
+    "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "output_router_logits", "pretraining_tp", "qk_head_dim", "_name_or_path", "tokenizer_class",
+    "output_attentions", "output_hidden_states", "return_dict", "num_mtp_layers", "mlp_bias",
+    "attention_dropout", "router_aux_loss_coef", "model_type", "rope_parameters", "rope_scaling",
+    "rope_theta", "head_dim", "is_decoder", "problem_type", "id2label", "label2id", "chunk_size_feed_forward",
+    "_attn_implementation_autoset", "bos_token", "eos_token",
+}
+
+
+def config_from_hf(raw: dict[str, Any], where: str = "config.json", **overrides: Any) -> ModelConfig:
+    """Map a Hugging Face / hub ``config.json`` dict to a validated :class:`ModelConfig`."""
+    model_type = raw.get("model_type")
+    if model_type not in _HF_DEFAULTS:
+        raise CheckpointError(
+            f"{where}: model_type {model_type!r} is not a DeepSeek-style model moelab can load "
+            f"(supported: {', '.join(sorted(_HF_DEFAULTS))})")
+    if raw.get("quantization_config"):
+        q = raw["quantization_config"]
+        raise CheckpointError(
+            f"{where}: quantised checkpoints are not supported ({q.get('quant_method', '?')} "
+            f"{q.get('fmt', '')}); dequantise the weights to bf16/fp32 safetensors first")
+    values = dict(_HF_DEFAULTS[model_type])
+    values["model_type"] = model_type
+    fields = set(ModelConfig.model_fields)
+    for key, val in raw.items():
+        if key in fields:
+            values[key] = val
+        elif key not in _IGNORED and not key.startswith("_"):
+            log.info("%s: ignoring key %r (no meaning for moelab)", where, key)
+    if model_type != "deepseek":
+        if raw.get("use_mla") is False:
+            values["use_mla"] = False
+    if model_type == "deepseek_v3":  # transformers' V3 router is always sigmoid + noaux_tc
+        values.setdefault("scoring_func", "sigmoid")
+    if isinstance(values.get("eos_token_id"), list):
+        values["eos_token_id"] = values["eos_token_id"][0]
+    if values.get("num_key_value_heads") == values.get("num_attention_heads") and values.get("use_mla", True):
+        values["num_key_value_heads"] = None
+    values["rope_theta"], values["rope_scaling"] = _rope_from_hf(raw, values)
+    values.update(overrides)
+    return make_config(values, where=where)
+
+
+def _rope_from_hf(raw: dict[str, Any], values: dict[str, Any]) -> tuple[float, dict | None]:
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        params = next(iter(params.values()))  # per-layer-type form: one entry for all layers here
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind in (None, "default"):
+        return theta, None
+    if kind != "yarn":
+        raise CheckpointError(f"config.json: rope type {kind!r} is not supported (only default RoPE and yarn)")
+    orig = params.get("original_max_position_embeddings", values.get("max_position_embeddings"))
+    factor = params.get("factor") or values["max_position_embeddings"] / orig
+    scaling = {"type": "yarn", "factor": float(factor), "original_max_position_embeddings": int(orig),
+               "beta_fast": float(params.get("beta_fast") or 32), "beta_slow": float(params.get("beta_slow") or 1),
+               "mscale": float(params.get("mscale") if params.get("mscale") is not None else 1.0),
+               "mscale_all_dim": float(params.get("mscale_all_dim") or 0.0)}
+    return theta, scaling
+
+
+def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
+    """The ``config.json`` dict transformers v5 would write for this model (plus hub routing fields)."""
+    d = cfg.model_dump(exclude={"rope_scaling", "rope_theta", "attn_impl", "yarn_apply", "expert_impl",
+                                "scale_only_if_unnormalized", "head_dim", "num_key_value_heads"})
+    rope: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+    if cfg.rope_scaling is not None:
+        rs = cfg.rope_scaling
+        rope = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": rs.factor,
+                "original_max_position_embeddings": rs.original_max_position_embeddings,
+                "beta_fast": rs.beta_fast, "beta_slow": rs.beta_slow, "mscale": rs.mscale,
+                "mscale_all_dim": rs.mscale_all_dim}
+    d.update(
+        model_type=cfg.hf_model_type,
+        architectures=[_ARCH[cfg.hf_model_type]],
+        num_key_value_heads=cfg.kv_heads,
+        rope_parameters=rope,
+        rope_theta=cfg.rope_theta,
+        torch_dtype=torch_dtype,
+        use_cache=True,
+    )
+    if not cfg.use_mla:
+        d["head_dim"] = cfg.attn_head_dim
+    if cfg.hf_model_type == "deepseek":  # the hub DeepSeekMoE code reads rope_scaling, not rope_parameters
+        d["rope_scaling"] = None if cfg.rope_scaling is None else {**cfg.rope_scaling.model_dump()}
+        d.pop("rope_parameters")
+    if cfg.scale_only_if_unnormalized:
+        d["scale_only_if_unnormalized"] = True
+    return d
+
+
+def hf_compatibility_warnings(cfg: ModelConfig) -> list[str]:
+    """Ways in which transformers' own class for ``cfg.hf_model_type`` would compute something else."""
+    w = []
+    if cfg.hf_model_type == "deepseek_v3" and (cfg.scoring_func != "sigmoid" or
+                                           (cfg.topk_method != "noaux_tc" and (cfg.n_group or 1) > 1)):
+        w.append("transformers' DeepseekV3 router is always sigmoid + noaux_tc; this model's router "
+                 f"({cfg.scoring_func}, {cfg.topk_method}) will not be reproduced there")
+    if cfg.hf_model_type == "deepseek_v2" and (cfg.scoring_func != "softmax" or cfg.topk_method == "noaux_tc"):
+        w.append("transformers' DeepseekV2 router is softmax greedy/group-limited without a bias")
+    if cfg.hf_model_type == "deepseek_v2" and cfg.norm_topk_prob:
+        w.append("transformers' DeepseekV2 router ignores norm_topk_prob (never renormalises)")
+    if not cfg.use_mla and cfg.hf_model_type != "deepseek":
+        w.append("transformers' DeepseekV2/V3 classes have no MHA variant (use_mla=false)")
+    if cfg.hf_model_type == "deepseek":
+        w.append("model_type 'deepseek' (DeepSeekMoE) is opened by the hub code, not transformers itself")
+    return w
+
+
+def read_config_json(directory: Path, **overrides: Any) -> ModelConfig:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no config.json; a checkpoint directory needs config.json "
+                              "plus model.safetensors (or sharded safetensors with an index)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return config_from_hf(raw, where=str(path), **overrides)

@@ -1,0 +1,106 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1; METHODS.md §4).
+
+Legend: B batch, T new tokens, S cached + new tokens, N heads, C ``kv_lora_rank`` (latent),
+R ``qk_rope_head_dim``, P ``qk_nope_head_dim``, V ``v_head_dim``.
+
+    c_Q = q_a_layernorm(q_a_proj(h));  q = q_b_proj(c_Q) -> [N, P | R]     (or q = q_proj(h))
+    [c_KV | k_pe] = kv_a_proj_with_mqa(h);  c_KV = kv_a_layernorm(c_KV)   # k_pe: ONE shared head
+    [k_nope | v]_n = kv_b_proj(c_KV)
+    score_n = (q_nope_n · k_nope_n + RoPE(q_pe_n) · RoPE(k_pe)) · softmax_scale
+
+Two equal ways to attend (``attn_impl``):
+
+* ``naive``: expand ``c_KV`` into per-head keys and values (``N·(P+R)`` and ``N·V`` per token).
+* ``absorb``: fold ``W_UK`` into the query and ``W_UV`` into the output, and attend against the
+  cached latent directly: ``score = (W_UKᵀ q_nope)·c_KV + q_pe·k_pe``; ``o_n = W_UV_n Σ p c_KV``.
+
+Either way the cache holds only ``c_KV`` and the rotated ``k_pe`` (C + R values per token).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelab.config import ModelConfig
+from moelab.model.cache import DecodingCache
+from moelab.model.norm import RMSNorm
+from moelab.model.rope import apply_rope
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA. forward(x ``[B, T, H]``, cos/sin ``[B|1, T, R/2]``, mask ``[B|1, 1, T, S]`` bool or None,
+    cache) -> ``[B, T, H]``."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.num_attention_heads
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank = cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        self.interleave = cfg.rope_interleave
+        self.impl = cfg.attn_impl
+        H, N, Dqk = cfg.hidden_size, self.n_heads, cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(H, N * Dqk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(H, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)  # inner norms: eps 1e-6 always
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, N * Dqk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, self.kv_rank + self.rope, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, eps=1e-6)
+        self.kv_b_proj = nn.Linear(self.kv_rank, N * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(N * self.v_dim, H, bias=cfg.attention_bias)
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: DecodingCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        N = self.n_heads
+        q_BTNd = self._query(x).view(B, T, N, self.nope + self.rope)
+        q_nope, q_pe = q_BTNd.split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin, self.interleave)                      # [B, T, N, R]
+
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)                                        # [B, T, C]
+        k_pe = apply_rope(k_pe, cos, sin, self.interleave)                      # [B, T, R]
+        if cache is not None:
+            c_kv, k_pe = cache.update(self.layer_idx, c_kv, k_pe)               # [B, S, C], [B, S, R]
+
+        if self.impl == "naive":
+            out = self._naive(q_nope, q_pe, c_kv, k_pe, mask)
+        else:
+            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+        return self.o_proj(out.reshape(B, T, N * self.v_dim))
+
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, mask):
+        B, S, _ = c_kv.shape
+        N = self.n_heads
+        kv = self.kv_b_proj(c_kv).view(B, S, N, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, S, N, self.rope)), dim=-1)   # [B, S, N, P+R]
+        q = torch.cat((q_nope, q_pe), dim=-1)                                               # [B, T, N, P+R]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, scale=self.scale)                # [B, N, T, V]
+        return o.transpose(1, 2)                                                            # [B, T, N, V]
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        B, T, N, _ = q_nope.shape
+        w = self.kv_b_proj.weight.view(N, self.nope + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]                        # [N, P, C], [N, V, C]
+        q_lat = torch.einsum("btnp,npc->btnc", q_nope, w_uk)                   # [B, T, N, C]
+        # All heads share one key/value "head" (the latent), so fold heads into query rows:
+        # row t*N + n attends with query (t, n) against [c_KV | k_pe].
+        q = torch.cat((q_lat, q_pe), dim=-1).reshape(B, 1, T * N, self.kv_rank + self.rope)
+        k = torch.cat((c_kv, k_pe), dim=-1)[:, None]                            # [B, 1, S, C+R]
+        if mask is not None:
+            mask = mask.repeat_interleave(N, dim=2)                             # [B|1, 1, T*N, S]
+        o_lat = F.scaled_dot_product_attention(q, k, c_kv[:, None], attn_mask=mask, scale=self.scale)
+        o_lat = o_lat.view(B, T, N, self.kv_rank)
+        return torch.einsum("btnc,nvc->btnv", o_lat, w_uv)                      # [B, T, N, V]

@@ -1,0 +1,96 @@
+"""Rotary position embeddings with optional YaRN context extension (METHODS.md §4).
+
+Dimension legend: B batch, T positions, D rotated dims (``rope_dim``), D/2 frequency pairs.
+
+Two layouts rotate the same pairs of a vector and give equal attention scores:
+
+* ``interleave=True`` (DeepSeek checkpoints, the reference code): pairs are (x0,x1),(x2,x3),...
+  and the output keeps that layout.
+* ``interleave=False`` (Llama style, HF ``rope_interleave=False``): pairs are (x_i, x_{i+D/2}).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moelab.config import ModelConfig, yarn_mscale
+
+
+def default_inv_freq(dim: int, theta: float) -> torch.Tensor:
+    """``theta^(-2i/dim)`` for i in [0, dim/2): ``[D/2]`` fp32."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
+def yarn_correction_range(dim: int, theta: float, orig_len: int, beta_fast: float,
+                          beta_slow: float) -> tuple[int, int]:
+    """The frequency-index range [low, high] over which YaRN ramps from keep to interpolate."""
+
+    def corr(n_rot: float) -> float:
+        return dim * math.log(orig_len / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(corr(beta_fast)), 0)
+    high = min(math.ceil(corr(beta_slow)), dim - 1)
+    return low, high
+
+
+def yarn_inv_freq(dim: int, theta: float, factor: float, orig_len: int, beta_fast: float,
+                  beta_slow: float) -> torch.Tensor:
+    """YaRN inverse frequencies ``[D/2]``: high frequencies kept, low ones divided by ``factor``."""
+    freq = default_inv_freq(dim, theta)
+    low, high = yarn_correction_range(dim, theta, orig_len, beta_fast, beta_slow)
+    high_f = high + 0.001 if low == high else float(high)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high_f - low)).clamp(0, 1)
+    return freq * (1 - ramp) + (freq / factor) * ramp
+
+
+class RotaryEmbedding(nn.Module):
+    """Computes cos/sin tables for positions.
+
+    forward(positions ``[T]`` or ``[B, T]`` int) -> (cos, sin), each ``[..., T, D/2]`` fp32,
+    already multiplied by the YaRN cos/sin factor ``mscale(s, mscale)/mscale(s, mscale_all_dim)``.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        dim, theta = cfg.rope_dim, cfg.rope_theta
+        self.attention_scaling = 1.0
+        if cfg.yarn_active:
+            rs = cfg.rope_scaling
+            inv_freq = yarn_inv_freq(dim, theta, rs.factor, rs.original_max_position_embeddings,
+                                     rs.beta_fast, rs.beta_slow)
+            self.attention_scaling = yarn_mscale(rs.factor, rs.mscale) / yarn_mscale(rs.factor, rs.mscale_all_dim)
+        else:
+            inv_freq = default_inv_freq(dim, theta)
+        self.inv_freq: torch.Tensor
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._recompute = (dim, theta, cfg.yarn_active, cfg.rope_scaling)
+
+    def reset_parameters(self) -> None:
+        """Recompute ``inv_freq`` (after a meta-device build or ``to_empty``)."""
+        dim, theta, yarn, rs = self._recompute
+        inv = (yarn_inv_freq(dim, theta, rs.factor, rs.original_max_position_embeddings, rs.beta_fast,
+                             rs.beta_slow) if yarn else default_inv_freq(dim, theta))
+        self.inv_freq = inv.to(self.inv_freq.device)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq  # [..., T, D/2]
+        return angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate the last dimension of ``x`` ``[B, T, ..., D]`` by angles ``cos/sin`` ``[B|1, T, D/2]``.
+
+    ``cos``/``sin`` are broadcast over every axis between T and D (heads).
+    """
+    extra = x.dim() - cos.dim()
+    c = cos.reshape(*cos.shape[:2], *([1] * extra), cos.shape[-1]).to(x.dtype)
+    s = sin.reshape(*sin.shape[:2], *([1] * extra), sin.shape[-1]).to(x.dtype)
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)

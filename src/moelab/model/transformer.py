@@ -1,0 +1,164 @@
+"""The decoder-only language model: embeddings, L pre-norm blocks, final norm, LM head.
+
+Legend: B batch, T new tokens, S cached + new tokens, H hidden, V vocabulary.
+
+Module and parameter names follow Hugging Face's DeepseekV2/V3 (``model.layers.{i}.self_attn...``,
+``model.layers.{i}.mlp.gate.weight``, ``lm_head.weight``) so checkpoint conversion is a thin mapping
+(:mod:`moelab.interop`); only the routed experts live stacked (see :mod:`moelab.model.experts`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moelab.config import ModelConfig
+from moelab.model.cache import DecodingCache
+from moelab.model.mha import GroupedQueryAttention
+from moelab.model.mla import MultiHeadLatentAttention
+from moelab.model.mlp import SwiGLU
+from moelab.model.moe import DeepSeekMoE
+from moelab.model.norm import RMSNorm
+from moelab.model.rope import RotaryEmbedding
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor                 # [B, T, V]
+    cache: DecodingCache | None = None
+
+
+def attention_mask_for(T: int, past: int, padding: torch.Tensor | None, device) -> torch.Tensor | None:
+    """Boolean mask ``[B|1, 1, T, S]`` (True = may attend), or None when every key is visible.
+
+    ``padding`` ``[B, S]`` marks real tokens with 1. A padded query still sees itself, so no row is
+    empty (an all-masked row would turn into NaN and leak through 0·NaN in the value product).
+    """
+    if padding is None and T == 1:
+        return None
+    S = past + T
+    q_pos = torch.arange(past, S, device=device)[:, None]
+    k_pos = torch.arange(S, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]                                  # [1, 1, T, S]
+    if padding is not None:
+        mask = mask & padding[:, None, None, :S].to(torch.bool, copy=False).to(device)
+        mask = mask | (k_pos == q_pos)[None, None]
+    return mask
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``; x ``[B, T, H]`` -> ``[B, T, H]``.
+
+    ``mlp`` is a DeepSeekMoE layer or, for the first ``first_k_dense_replace`` layers (and those
+    skipped by ``moe_layer_freq``), a dense SwiGLU of width ``intermediate_size``.
+    """
+
+    def __init__(self, cfg: ModelConfig, idx: int):
+        super().__init__()
+        attn_cls = MultiHeadLatentAttention if cfg.use_mla else GroupedQueryAttention
+        self.self_attn = attn_cls(cfg, idx)
+        self.mlp = DeepSeekMoE(cfg, idx) if cfg.is_moe_layer(idx) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepSeekModel(nn.Module):
+    """Embeddings + blocks + final norm. forward(input_ids ``[B, T]``) -> hidden ``[B, T, H]``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        B, T = input_ids.shape
+        past = cache.seq_len if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:  # left padding: count real tokens only
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
+        cos, sin = self.rotary_emb(position_ids)                          # [B|1, T, R/2]
+        mask = attention_mask_for(T, past, attention_mask, input_ids.device)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        return self.norm(x)
+
+
+class DeepSeekForCausalLM(nn.Module):
+    """A DeepSeek-style causal LM (DeepSeekMoE + MLA/MHA + RoPE/YaRN).
+
+    forward(input_ids ``[B, T]`` int64, attention_mask ``[B, S]`` or None, position_ids ``[B, T]`` or
+    None, cache :class:`DecodingCache` or None) -> :class:`LMOutput` with ``logits`` ``[B, T, V]``.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DeepSeekModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, seed: int | None = None, device="cpu",
+                    dtype: torch.dtype = torch.float32) -> DeepSeekForCausalLM:
+        """A freshly initialised model (normal(0, initializer_range) weights, unit norms, zero biases)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device=device)
+        model.init_weights(seed)
+        return model.to(dtype)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        gen_state = torch.random.get_rng_state()
+        if seed is not None:
+            torch.manual_seed(seed)
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+            elif hasattr(m, "reset_parameters") and not isinstance(m, nn.Linear | nn.Embedding):
+                try:
+                    m.reset_parameters(std)
+                except TypeError:
+                    m.reset_parameters()
+        if seed is not None:
+            torch.random.set_rng_state(gen_state)
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (RoPE tables) after loading into an empty model."""
+        self.model.rotary_emb.reset_parameters()
+
+    def new_cache(self) -> DecodingCache:
+        return DecodingCache(self.config.num_hidden_layers)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: DecodingCache | None = None,
+                logits_to_keep: int = 0) -> LMOutput:
+        h = self.model(input_ids, attention_mask, position_ids, cache)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return LMOutput(logits=self.lm_head(h), cache=cache)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
