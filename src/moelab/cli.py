@@ -1,0 +1,244 @@
+"""The ``moelab`` command line.
+
+    moelab info configs/tiny.toml            # parameters, activated parameters, cache, FLOPs
+    moelab info path/to/checkpoint --json
+    moelab init configs/tiny.toml --out runs/tiny-init
+    moelab generate runs/tiny-init --prompt "To be" --max-new-tokens 32 --greedy
+
+Errors a user can cause are printed as one line on stderr with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from moelab.errors import MoelabError
+
+app = typer.Typer(
+    name="moelab", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="A toolkit for DeepSeek-style sparse language models (DeepSeekMoE, MLA, YaRN).",
+)
+err = Console(stderr=True)
+
+
+def friendly(fn):
+    """Turn moelab errors into a one-line message on stderr and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MoelabError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _read_config(path: Path):
+    from moelab.config import load_model_config
+    from moelab.interop.hf_config import read_config_json
+
+    if path.is_dir():
+        return read_config_json(path)
+    if path.suffix == ".json":
+        return read_config_json(path.parent) if path.name == "config.json" else _bad_path(path)
+    if not path.exists():
+        raise MoelabError(f"{path} does not exist; give a TOML config (configs/*.toml) or a checkpoint directory")
+    return load_model_config(path)
+
+
+def _bad_path(path: Path):
+    raise MoelabError(f"{path}: expected a TOML config, a checkpoint directory or its config.json")
+
+
+def _human(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+@app.command()
+@friendly
+def info(
+    path: Annotated[Path, typer.Argument(help="A TOML config (with a [model] section) or a checkpoint directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as one JSON object.")] = False,
+    seq_len: Annotated[int | None, typer.Option(help="Context length l_seq for the FLOPs formula "
+                                                      "(default: max_position_embeddings).")] = None,
+):
+    """Count total and activated parameters, KV-cache bytes per token and FLOPs per token.
+
+    Nothing is allocated: the model is built on PyTorch's meta device, so even DeepSeek-V3 (671B)
+    is counted in a second.
+    """
+    from moelab.model.accounting import model_budget
+
+    cfg = _read_config(path)
+    b = model_budget(cfg, seq_len=seq_len)
+    if as_json:
+        print(json.dumps({"config": str(path), **b.as_dict()}, indent=2))
+        return
+    t = Table(title=f"moelab info — {path}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    t.add_column(style="dim")
+    ratio = b.mha_cache_elems_per_token / b.cache_elems_per_token
+    kind = "MLA latent + RoPE key" if cfg.use_mla else f"{'MHA' if cfg.kv_heads == cfg.num_attention_heads else 'GQA'} K/V"
+    rows = [
+        ("total parameters", _human(b.total_params), f"{b.total_params:,}"),
+        ("activated parameters / token", _human(b.activated_params), f"{b.activated_params:,}"),
+        ("layers", f"{b.moe_layers} MoE + {b.dense_layers} dense",
+         f"{cfg.n_routed_experts or 0} routed (top-{cfg.num_experts_per_tok or 0}) + {cfg.n_shared_experts or 0} shared"
+         if cfg.is_moe else "dense model"),
+        ("KV cache / token", f"{b.cache_bytes_per_token:,} B", f"{b.cache_elems_per_token:,} values ({kind}, {b.cache_dtype})"),
+        ("MHA-equivalent cache / token", f"{b.mha_cache_bytes_per_token:,} B", f"{ratio:.1f}x larger"),
+        ("FLOPs / token (72Ld²+12Ld·l)", _human(b.flops_per_token), f"non-embedding, l_seq={b.seq_len}"),
+        ("FLOPs / token (6N_act+12Ld·l)", _human(b.flops_per_token_active), "MoE-aware, activated params"),
+    ]
+    for r in rows:
+        t.add_row(*r)
+    Console().print(t)
+
+
+@app.command()
+@friendly
+def init(
+    config: Annotated[Path, typer.Argument(help="TOML config with a [model] section.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write.")],
+    seed: Annotated[int, typer.Option(help="Random seed for the initial weights.")] = 0,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+):
+    """Write a freshly initialised model as a Hugging Face checkpoint (with a byte-level tokenizer).
+
+    The tokenizer is an untrained byte-level BPE (256 byte tokens + DeepSeek special tokens), so any
+    text can be fed to the model; `moelab data` (pre-training) trains a real one.
+    """
+    import torch
+
+    from moelab.config import load_model_config
+    from moelab.data.tokenizer import SPECIAL_TOKENS, byte_level_tokenizer, save_tokenizer
+    from moelab.interop.checkpoint import save
+    from moelab.interop.hf_config import hf_compatibility_warnings
+    from moelab.model.transformer import DeepSeekForCausalLM
+
+    cfg = load_model_config(config)
+    needed = len(SPECIAL_TOKENS) + 256
+    if cfg.vocab_size < needed:
+        raise MoelabError(f"vocab_size {cfg.vocab_size} is too small for the byte-level tokenizer "
+                          f"({needed} tokens); raise vocab_size in {config}")
+    if dtype not in ("float32", "bfloat16"):
+        raise MoelabError(f"--dtype must be float32 or bfloat16 (got {dtype})")
+    model = DeepSeekForCausalLM.from_config(cfg, seed=seed, dtype=getattr(torch, dtype))
+    path = save(model, out)
+    save_tokenizer(byte_level_tokenizer(), path)
+    for w in hf_compatibility_warnings(cfg):
+        err.print(f"[yellow]note:[/] {w}")
+    n = sum(p.numel() for p in model.parameters())
+    Console().print(f"wrote {path} ({n:,} parameters, {dtype})")
+
+
+class _Streamer:
+    """Prints decoded text as tokens arrive, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.ids, self.printed = tokenizer, [], 0
+
+    def __call__(self, token):
+        self.ids.append(int(token[0]))
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        sys.stdout.write(text[self.printed:])
+        sys.stdout.flush()
+        self.printed = len(text)
+
+
+@app.command()
+@friendly
+def generate(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (config.json + safetensors [+ tokenizer.json]).")],
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Text to continue.")] = None,
+    prompt_ids: Annotated[str | None, typer.Option(help="Comma-separated token ids instead of --prompt.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=0, help="Tokens to generate.")] = 64,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Always take the most likely token (deterministic).")] = False,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Softmax temperature; 0 = greedy.")] = 1.0,
+    top_k: Annotated[int, typer.Option(min=0, help="Sample among the k most likely tokens; 0 = off.")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass in (0, 1]; 1 = off.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = True,
+    bos: Annotated[bool, typer.Option(help="Prepend the BOS token to a text prompt.")] = True,
+    dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16 (default: as stored).")] = None,
+    as_ids: Annotated[bool, typer.Option("--ids", help="Also print the generated token ids.")] = False,
+):
+    """Continue a prompt with a checkpoint, streaming the text to the terminal.
+
+    Uses the MLA latent cache (absorbed attention). Examples:
+
+        moelab generate runs/tiny-init --prompt "To be, or not to be" -n 32 --greedy
+
+        moelab generate CKPT -p "Once upon" --temperature 0.8 --top-p 0.95 --seed 1
+    """
+    import torch
+
+    from moelab.data.tokenizer import load_tokenizer
+    from moelab.infer import SamplingConfig
+    from moelab.infer import generate as run_generate
+    from moelab.interop.checkpoint import load
+
+    if (prompt is None) == (prompt_ids is None):
+        raise MoelabError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    if dtype not in (None, "float32", "bfloat16"):
+        raise MoelabError(f"--dtype must be float32 or bfloat16 (got {dtype})")
+    sampling = SamplingConfig(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    model = load(checkpoint, dtype=dtype)
+    cfg = model.config
+    tokenizer = None
+    if prompt is not None:
+        tokenizer = load_tokenizer(checkpoint)
+        ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+        if bos and cfg.bos_token_id is not None:
+            ids = [cfg.bos_token_id, *ids]
+    else:
+        try:
+            ids = [int(x) for x in prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise MoelabError(f"--prompt-ids must be comma-separated integers (got {prompt_ids!r})") from None
+        if (checkpoint / "tokenizer.json").is_file():
+            tokenizer = load_tokenizer(checkpoint)
+    if not ids:
+        raise MoelabError("the prompt is empty after tokenisation")
+    input_ids = torch.tensor([ids])
+    streamer = _Streamer(tokenizer) if (stream and tokenizer is not None) else None
+    if streamer is not None and prompt is not None:
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+    out = run_generate(model, input_ids, max_new_tokens, sampling, eos_token_id=cfg.eos_token_id,
+                       on_token=streamer)
+    new = out[0, len(ids):].tolist()
+    if streamer is not None:
+        rest = tokenizer.decode(streamer.ids, skip_special_tokens=True)[streamer.printed:]
+        sys.stdout.write(rest + "\n")
+    elif tokenizer is not None:
+        print((prompt or "") + tokenizer.decode(new, skip_special_tokens=True))
+    if as_ids or tokenizer is None:
+        print(",".join(str(i) for i in new))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
