@@ -24,7 +24,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from moelab.errors import ConfigError, did_you_mean
 
@@ -116,7 +116,8 @@ class ModelConfig(_Strict):
 
     # --- attention (METHODS.md §4) ----------------------------------------------------------
     use_mla: bool = True  # False: plain MHA/GQA (dense baselines, DeepSeek-VL2-Tiny, DeepSeekMoE)
-    q_lora_rank: int | None = 1536  # None: q_proj straight from the hidden state (V2-Lite)
+    #: None (or 0, since TOML has no null): q_proj straight from the hidden state, as in V2-Lite.
+    q_lora_rank: int | None = 1536
     kv_lora_rank: int = 512
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
@@ -137,6 +138,11 @@ class ModelConfig(_Strict):
     expert_impl: Literal["loop", "grouped_mm"] = "loop"
 
     # ---------------------------------------------------------------------------------------
+    @field_validator("q_lora_rank", "num_key_value_heads", "head_dim", "n_group", "topk_group", mode="before")
+    @classmethod
+    def _zero_is_none(cls, v):
+        return None if v == 0 else v
+
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         problems: list[str] = []

@@ -66,21 +66,27 @@ def weight_files(directory: Path) -> list[Path]:
 def _check_safetensors(path: Path) -> None:
     """Reject pickles and truncated files with a clear message before safetensors sees them."""
     with open(path, "rb") as f:
-        head = f.read(8)
-        if head[:2] == b"\x80\x02" or head[:2] == b"PK" or head[:1] == b"\x80":
-            raise CheckpointError(f"{path} is a pickle/zip file, not safetensors; moelab never unpickles files")
-        if len(head) < 8:
+        head = f.read(9)
+        if len(head) < 9:
             raise CheckpointError(f"{path} is truncated or empty (no safetensors header)")
-        n = int.from_bytes(head, "little")
-        size = path.stat().st_size
-        if n <= 0 or 8 + n > size:
+        n, size = int.from_bytes(head[:8], "little"), path.stat().st_size
+        if head[8:9] != b"{":  # a safetensors header is JSON right after its 8-byte length
+            if head[:2] == b"PK" or (head[0] == 0x80 and 2 <= head[1] <= 5):
+                raise CheckpointError(f"{path} is a pickle/zip file (torch.save), not safetensors; moelab never "
+                                      "unpickles files — convert it to safetensors first")
+            raise CheckpointError(f"{path} is not a safetensors file (no JSON header)")
+        if 8 + n > size:
             raise CheckpointError(f"{path} is not a valid safetensors file (header length {n} for a "
                                   f"{size}-byte file): truncated or corrupt")
+        f.seek(8)
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path} has a corrupt safetensors header") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError):
+        raise CheckpointError(f"{path} has a corrupt safetensors header (bad data_offsets)") from None
     if 8 + n + end > size:
         raise CheckpointError(f"{path} is truncated: its header needs {8 + n + end} bytes, the file has {size}")
 

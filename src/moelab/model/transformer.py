@@ -106,8 +106,17 @@ class DeepSeekForCausalLM(nn.Module):
         self.config = cfg
         self.model = DeepSeekModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _apply(self, fn, recurse=True):
+        # Module._apply (to_empty, .to, ...) replaces each parameter separately and would untie them.
+        super()._apply(fn, recurse)
+        self.tie_weights()
+        return self
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, seed: int | None = None, device="cpu",
