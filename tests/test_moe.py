@@ -1,0 +1,195 @@
+"""DeepSeekMoE and its router against brute-force per-token oracles (METHODS.md §1-§3 checks)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moelab.config import make_config
+from moelab.model.experts import RoutedExperts
+from moelab.model.mlp import SwiGLU
+from moelab.model.moe import DeepSeekMoE
+from moelab.model.router import Router
+from moelab.model.transformer import DeepSeekForCausalLM
+
+BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, kv_lora_rank=16, q_lora_rank=None,
+            n_routed_experts=16, n_shared_experts=2, num_experts_per_tok=4, moe_intermediate_size=8,
+            first_k_dense_replace=0)
+
+ROUTERS = {
+    "softmax_greedy": dict(scoring_func="softmax", topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0),
+    "softmax_group_limited": dict(scoring_func="softmax", topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                                  norm_topk_prob=False, routed_scaling_factor=16.0),
+    "sigmoid_noaux_tc": dict(scoring_func="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2,
+                             norm_topk_prob=True, routed_scaling_factor=2.5),
+    "softmax_noaux_tc_norm": dict(scoring_func="softmax", topk_method="noaux_tc", n_group=2, topk_group=1,
+                                  norm_topk_prob=True, routed_scaling_factor=1.0),
+    "hub_v2_scale_rule": dict(scoring_func="softmax", topk_method="greedy", norm_topk_prob=True,
+                              routed_scaling_factor=3.0, scale_only_if_unnormalized=True),
+}
+
+
+def brute_force_route(x, weight, bias, c):
+    """Per-token reference written from METHODS.md §2 with plain Python loops."""
+    E, K = c.n_routed_experts, c.num_experts_per_tok
+    G, TG = (c.n_group or 1), (c.topk_group or 1)
+    out = []
+    for row in x.double():
+        logits = [float(row @ weight[e].detach().double()) for e in range(E)]
+        if c.scoring_func == "softmax":
+            z = torch.tensor(logits).softmax(0).tolist()
+        else:
+            z = torch.tensor(logits).sigmoid().tolist()
+        choice = [z[e] + (float(bias[e]) if bias is not None else 0.0) for e in range(E)]
+        allowed = set(range(E))
+        if c.topk_method != "greedy" and G > 1:
+            size = E // G
+            def gscore(g):
+                vals = sorted(choice[g * size:(g + 1) * size], reverse=True)
+                return vals[0] if c.topk_method == "group_limited_greedy" else vals[0] + vals[1]
+            groups = sorted(range(G), key=gscore, reverse=True)[:TG]
+            allowed = {e for g in groups for e in range(g * size, (g + 1) * size)}
+        chosen = sorted(allowed, key=lambda e: choice[e], reverse=True)[:K]
+        gates = {e: z[e] for e in chosen}
+        if c.norm_topk_prob:
+            s = sum(gates.values())
+            gates = {e: v / s for e, v in gates.items()}
+        if not (c.scale_only_if_unnormalized and c.norm_topk_prob):
+            gates = {e: v * c.routed_scaling_factor for e, v in gates.items()}
+        out.append(gates)
+    return out
+
+
+@pytest.mark.parametrize("name", list(ROUTERS))
+def test_router_matches_brute_force(name):
+    cfg = make_config(BASE | ROUTERS[name])
+    router = Router(cfg)
+    router.reset_parameters(0.5)
+    if router.e_score_correction_bias is not None:
+        router.e_score_correction_bias.normal_(0, 0.2)
+    x = torch.randn(64, 32)
+    r = router(x)
+    ref = brute_force_route(x, router.weight, router.e_score_correction_bias, cfg)
+    for t in range(64):
+        got = dict(zip(r.indices[t].tolist(), r.weights[t].tolist(), strict=True))
+        assert set(got) == set(ref[t]), f"token {t}"
+        for e in got:
+            assert got[e] == pytest.approx(ref[t][e], rel=1e-5, abs=1e-7)
+        if cfg.topk_method != "greedy":  # selection spans at most topk_group groups
+            assert len({e // (16 // cfg.n_group) for e in got}) <= cfg.topk_group
+        if cfg.norm_topk_prob and not cfg.scale_only_if_unnormalized:
+            assert sum(got.values()) == pytest.approx(cfg.routed_scaling_factor, rel=1e-5)
+
+
+def test_huge_bias_forces_selection_but_not_the_gate():
+    cfg = make_config(BASE | ROUTERS["sigmoid_noaux_tc"] | dict(norm_topk_prob=False, routed_scaling_factor=1.0))
+    router = Router(cfg)
+    router.reset_parameters(0.5)
+    router.e_score_correction_bias[5] = 1e3
+    x = torch.randn(128, 32)
+    r = router(x)
+    assert (r.indices == 5).any(dim=1).all()
+    pos = (r.indices == 5).int().argmax(dim=1)
+    gate5 = r.weights.gather(1, pos[:, None]).squeeze(1)
+    torch.testing.assert_close(gate5, torch.sigmoid(x @ router.weight[5]))  # the UNBIASED score
+
+
+def test_bias_is_fp32_buffer_without_grad_and_survives_casts():
+    cfg = make_config(BASE | ROUTERS["sigmoid_noaux_tc"])
+    model = DeepSeekForCausalLM.from_config(cfg, seed=0)
+    gate = model.model.layers[0].mlp.gate
+    gate.e_score_correction_bias.fill_(1.0 + 1e-4)    # not representable in bf16
+    model = model.to(torch.bfloat16)
+    bias = model.model.layers[0].mlp.gate.e_score_correction_bias
+    assert bias.dtype == torch.float32 and not bias.requires_grad
+    assert bias[0].item() == pytest.approx(1.0 + 1e-4, abs=1e-7)
+    assert "model.layers.0.mlp.gate.e_score_correction_bias" in model.state_dict()
+    assert all("e_score_correction_bias" not in n for n, _ in model.named_parameters())
+    out = model(torch.randint(0, 64, (1, 5))).logits  # bf16 forward works with the fp32 router
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def per_token_experts(x, idx, gates, experts):
+    """Oracle: every token through each of its experts, one at a time."""
+    I = experts.inner
+    out = torch.zeros_like(x)
+    for t, k in itertools.product(range(x.shape[0]), range(idx.shape[1])):
+        e = int(idx[t, k])
+        w_gate, w_up = experts.gate_up_proj[e, :I], experts.gate_up_proj[e, I:]
+        h = F.silu(x[t] @ w_gate.T) * (x[t] @ w_up.T)
+        out[t] = out[t] + gates[t, k] * (h @ experts.down_proj[e].T)
+    return out
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
+def test_expert_kernels_match_per_token_loop_with_gradients(impl):
+    cfg = make_config(BASE | {"expert_impl": impl})
+    experts = RoutedExperts(cfg)
+    experts.reset_parameters(0.3)
+    x = torch.randn(40, 32, requires_grad=True)
+    idx = torch.stack([torch.randperm(12)[:4] for _ in range(40)])  # experts 12..15 get no tokens
+    gates = torch.rand(40, 4, requires_grad=True)
+    got = experts(x, idx, gates)
+    ref = per_token_experts(x, idx, gates, experts)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (x, gates, experts.gate_up_proj, experts.down_proj), g)
+    ref_grads = torch.autograd.grad(ref, (x, gates, experts.gate_up_proj, experts.down_proj), g)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert grads[2][12:].abs().sum() == 0  # unused experts get zero gradient
+
+
+def test_one_shared_mlp_of_width_2i_equals_two_split_experts():
+    wide = SwiGLU(32, 16)
+    a, b = SwiGLU(32, 8), SwiGLU(32, 8)
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj"):
+            getattr(a, name).weight.copy_(getattr(wide, name).weight[:8])
+            getattr(b, name).weight.copy_(getattr(wide, name).weight[8:])
+        a.down_proj.weight.copy_(wide.down_proj.weight[:, :8])
+        b.down_proj.weight.copy_(wide.down_proj.weight[:, 8:])
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(wide(x), a(x) + b(x), atol=1e-6, rtol=1e-5)
+
+
+def test_moe_layer_is_shared_plus_gated_routed():
+    cfg = make_config(BASE | ROUTERS["sigmoid_noaux_tc"])
+    moe = DeepSeekMoE(cfg, 0)
+    moe.gate.reset_parameters(0.3)
+    moe.experts.reset_parameters(0.3)
+    seen = []
+    moe.routing_observers.append(lambda m, r: seen.append(r))
+    x = torch.randn(2, 7, 32)
+    y = moe(x)
+    r = seen[0]
+    ref = per_token_experts(x.reshape(14, 32), r.indices, r.weights, moe.experts) + moe.shared_experts(x.reshape(14, 32))
+    torch.testing.assert_close(y.reshape(14, 32), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k,freq,expected", [(0, 1, [0, 1, 2, 3, 4, 5]), (2, 1, [2, 3, 4, 5]), (1, 2, [2, 4])])
+def test_dense_and_moe_layer_placement(k, freq, expected):
+    cfg = make_config(BASE | dict(num_hidden_layers=6, first_k_dense_replace=k, moe_layer_freq=freq))
+    with torch.device("meta"):
+        model = DeepSeekForCausalLM(cfg)
+    moe = [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, DeepSeekMoE)]
+    assert moe == expected == cfg.moe_layer_ids
+    assert all(isinstance(model.model.layers[i].mlp, SwiGLU) for i in range(6) if i not in expected)
+
+
+def test_active_parameter_identity_deepseekmoe_2b_shape():
+    # 1 shared + 7 routed experts at 1/4 FFN width = 2 FFNs' worth of activated expert parameters
+    from moelab.model.accounting import model_budget
+
+    cfg = make_config(BASE | dict(n_routed_experts=63, n_shared_experts=1, num_experts_per_tok=7,
+                                  moe_intermediate_size=16, intermediate_size=64, topk_method="greedy",
+                                  scoring_func="softmax", norm_topk_prob=False))
+    b = model_budget(cfg)
+    ffn = 3 * 32 * 64
+    shared = 3 * 32 * 16
+    per_layer_active = b.activated_routed_expert_params // cfg.num_hidden_layers + shared
+    assert per_layer_active == 2 * ffn
