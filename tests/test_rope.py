@@ -93,3 +93,13 @@ def test_yarn_apply_setting():
     assert rope_cfg(**kw).yarn_active
     assert not rope_cfg(**kw, yarn_apply="when_longer").yarn_active
     assert rope_cfg(**(kw | {"max_position_embeddings": 16384}), yarn_apply="when_longer").yarn_active
+
+
+def test_rope_tables_stay_fp32_in_a_bf16_model():
+    from moelab.model.transformer import DeepSeekForCausalLM
+
+    cfg = rope_cfg(qk_rope_head_dim=16)
+    model = DeepSeekForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    inv = model.model.rotary_emb.inv_freq
+    assert inv.dtype == torch.float32
+    torch.testing.assert_close(inv, default_inv_freq(16, 1e4), atol=0, rtol=0)

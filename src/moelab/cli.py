@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from moelab.errors import MoelabError
@@ -37,7 +38,7 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except MoelabError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -75,7 +76,7 @@ def _human(n: float) -> str:
 def info(
     path: Annotated[Path, typer.Argument(help="A TOML config (with a [model] section) or a checkpoint directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as one JSON object.")] = False,
-    seq_len: Annotated[int | None, typer.Option(help="Context length l_seq for the FLOPs formula "
+    seq_len: Annotated[int | None, typer.Option(min=1, help="Context length l_seq for the FLOPs formula "
                                                       "(default: max_position_embeddings).")] = None,
 ):
     """Count total and activated parameters, KV-cache bytes per token and FLOPs per token.
@@ -144,7 +145,7 @@ def init(
     path = save(model, out)
     save_tokenizer(byte_level_tokenizer(), path)
     for w in hf_compatibility_warnings(cfg):
-        err.print(f"[yellow]note:[/] {w}")
+        err.print(f"[yellow]note:[/] {escape(w)}")
     n = sum(p.numel() for p in model.parameters())
     Console().print(f"wrote {path} ({n:,} parameters, {dtype})")
 

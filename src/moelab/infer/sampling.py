@@ -22,7 +22,7 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # also rejects NaN
             raise MoelabError(f"temperature must be >= 0 (got {self.temperature}); 0 means greedy")
         if self.top_k < 0:
             raise MoelabError(f"top_k must be >= 0 (got {self.top_k}); 0 turns it off")

@@ -199,16 +199,18 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, dev
                               "(config.json + safetensors)")
     cfg = read_config_json(directory, **config_overrides)
     files = weight_files(directory)
-    with torch.device("meta"):
-        model = DeepSeekForCausalLM(cfg)
-    model.to_empty(device=device)
-    load_state_into(model, files)
-    model.reset_buffers()
     if dtype is None:
         dtype = _stored_dtype(files[0])
     if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise CheckpointError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
         dtype = getattr(torch, dtype)
-    return model.to(dtype).eval()
+    with torch.device("meta"):
+        model = DeepSeekForCausalLM(cfg)
+    model.to(dtype).to_empty(device=device)  # allocate once, at the target dtype (the bias stays fp32)
+    load_state_into(model, files)
+    model.reset_buffers()
+    return model.eval()
 
 
 def _stored_dtype(path: Path) -> torch.dtype:

@@ -14,9 +14,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
-
 from moelab.config import ModelConfig, yarn_mscale
+from moelab.model.fp32 import FP32Buffers
 
 
 def default_inv_freq(dim: int, theta: float) -> torch.Tensor:
@@ -46,12 +45,14 @@ def yarn_inv_freq(dim: int, theta: float, factor: float, orig_len: int, beta_fas
     return freq * (1 - ramp) + (freq / factor) * ramp
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(FP32Buffers):
     """Computes cos/sin tables for positions.
 
     forward(positions ``[T]`` or ``[B, T]`` int) -> (cos, sin), each ``[..., T, D/2]`` fp32,
     already multiplied by the YaRN cos/sin factor ``mscale(s, mscale)/mscale(s, mscale_all_dim)``.
     """
+
+    _fp32_buffers = ("inv_freq",)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

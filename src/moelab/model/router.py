@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import ModelConfig
+from moelab.model.fp32 import FP32Buffers
 
 
 @dataclass
@@ -35,12 +36,14 @@ class Routing:
     logits: torch.Tensor   # [N, E] fp32
 
 
-class Router(nn.Module):
+class Router(FP32Buffers):
     """forward(x ``[N, H]``) -> :class:`Routing`.
 
     ``e_score_correction_bias`` ``[E]`` exists for ``topk_method = "noaux_tc"``; it is a persistent fp32
     buffer without gradient that stays fp32 when the module is cast to another dtype.
     """
+
+    _fp32_buffers = ("e_score_correction_bias",)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -56,16 +59,6 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
-
-    def _apply(self, fn, recurse=True):
-        # Keep the balancing bias in fp32 whatever the model is cast to (a bf16 bias cannot move by 1e-3).
-        bias = self.e_score_correction_bias
-        super()._apply(fn, recurse)
-        moved = self.e_score_correction_bias
-        if moved is not None and moved.dtype != torch.float32:
-            src = moved if bias.is_meta else bias
-            self.e_score_correction_bias = src.to(device=moved.device, dtype=torch.float32)
-        return self
 
     def forward(self, x: torch.Tensor) -> Routing:
         logits = F.linear(x.to(torch.float32), self.weight.to(torch.float32))      # [N, E]
