@@ -139,3 +139,20 @@ def test_greedy_generation_matches_transformers(case, tmp_path):
     got = generate(ours, prompt, 32, SamplingConfig(greedy=True), eos_token_id=None)
     assert got.shape == (1, 39)
     assert got.tolist() == ref.tolist()
+
+
+def test_cli_greedy_matches_transformers_generate(tmp_path):
+    import subprocess
+    import sys
+
+    hf = hf_model(CASES["v3_yarn_two_dense"]())
+    hf.save_pretrained(tmp_path)
+    prompt = [5, 17, 42, 99]
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                      pad_token_id=0, min_new_tokens=16)[0, 4:].tolist()
+    res = subprocess.run([sys.executable, "-m", "moelab.cli", "generate", str(tmp_path), "--prompt-ids",
+                          ",".join(map(str, prompt)), "--greedy", "-n", "16"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    got = [int(t) for t in res.stdout.strip().splitlines()[-1].split(",")]
+    # the CLI stops at the checkpoint's EOS (id 1); transformers was told not to
+    assert got == ref[:len(got)] and (len(got) == 16 or got[-1] == 1)
