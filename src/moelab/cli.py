@@ -77,7 +77,7 @@ def info(
     path: Annotated[Path, typer.Argument(help="A TOML config (with a [model] section) or a checkpoint directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as one JSON object.")] = False,
     seq_len: Annotated[int | None, typer.Option(min=1, help="Context length l_seq for the FLOPs formula "
-                                                      "(default: max_position_embeddings).")] = None,
+                                                      "(default: the pre-YaRN context, else max_position_embeddings).")] = None,
 ):
     """Count total and activated parameters, KV-cache bytes per token and FLOPs per token.
 

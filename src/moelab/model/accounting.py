@@ -58,7 +58,7 @@ def model_budget(cfg: ModelConfig, seq_len: int | None = None, cache_dtype: torc
     act_routed = routed * K // E if E else 0
     activated = total - routed + act_routed
     L, d = cfg.num_hidden_layers, cfg.hidden_size
-    l_seq = seq_len or cfg.max_position_embeddings
+    l_seq = seq_len or pretraining_context(cfg)
     attn_flops = 12 * L * d * l_seq
     elem = torch.tensor([], dtype=cache_dtype).element_size()
     return ModelBudget(
@@ -73,3 +73,11 @@ def model_budget(cfg: ModelConfig, seq_len: int | None = None, cache_dtype: torc
         flops_per_token=72 * L * d * d + attn_flops,
         flops_per_token_active=6 * (activated - embed) + attn_flops,
     )
+
+
+def pretraining_context(cfg: ModelConfig) -> int:
+    """The context length the FLOPs formula should use by default: the pre-YaRN length when the
+    model was extended with YaRN (e.g. 4096 for DeepSeek-V2/V3), else ``max_position_embeddings``."""
+    if cfg.rope_scaling is not None:
+        return min(cfg.rope_scaling.original_max_position_embeddings, cfg.max_position_embeddings)
+    return cfg.max_position_embeddings
