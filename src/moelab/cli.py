@@ -99,14 +99,14 @@ def info(
     kind = "MLA latent + RoPE key" if cfg.use_mla else f"{'MHA' if cfg.kv_heads == cfg.num_attention_heads else 'GQA'} K/V"
     rows = [
         ("total parameters", _human(b.total_params), f"{b.total_params:,}"),
-        ("activated parameters / token", _human(b.activated_params), f"{b.activated_params:,}"),
+        ("activated parameters", _human(b.activated_params), f"{b.activated_params:,}"),
         ("layers", f"{b.moe_layers} MoE + {b.dense_layers} dense",
          f"{cfg.n_routed_experts or 0} routed (top-{cfg.num_experts_per_tok or 0}) + {cfg.n_shared_experts or 0} shared"
          if cfg.is_moe else "dense model"),
-        ("KV cache / token", f"{b.cache_bytes_per_token:,} B", f"{b.cache_elems_per_token:,} values ({kind}, {b.cache_dtype})"),
-        ("MHA-equivalent cache / token", f"{b.mha_cache_bytes_per_token:,} B", f"{ratio:.1f}x larger"),
-        ("FLOPs / token (72Ld²+12Ld·l)", _human(b.flops_per_token), f"non-embedding, l_seq={b.seq_len}"),
-        ("FLOPs / token (6N_act+12Ld·l)", _human(b.flops_per_token_active), "MoE-aware, activated params"),
+        ("KV cache / token", f"{b.cache_bytes_per_token:,} B", f"{b.cache_elems_per_token:,} values: {kind}, {b.cache_dtype}"),
+        ("MHA-equivalent cache", f"{b.mha_cache_bytes_per_token:,} B", f"{ratio:.1f}x larger"),
+        ("FLOPs/token 72Ld²+12Ld·l", _human(b.flops_per_token), f"non-embedding, l_seq={b.seq_len}"),
+        ("FLOPs/token 6N_act+12Ld·l", _human(b.flops_per_token_active), "MoE-aware, activated params"),
     ]
     for r in rows:
         t.add_row(*r)
