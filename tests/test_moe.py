@@ -48,10 +48,11 @@ def brute_force_route(x, weight, bias, c):
         allowed = set(range(E))
         if c.topk_method != "greedy" and G > 1:
             size = E // G
-            def gscore(g):
+            gscore = []
+            for g in range(G):
                 vals = sorted(choice[g * size:(g + 1) * size], reverse=True)
-                return vals[0] if c.topk_method == "group_limited_greedy" else vals[0] + vals[1]
-            groups = sorted(range(G), key=gscore, reverse=True)[:TG]
+                gscore.append(vals[0] if c.topk_method == "group_limited_greedy" else vals[0] + vals[1])
+            groups = sorted(range(G), key=lambda g: gscore[g], reverse=True)[:TG]
             allowed = {e for g in groups for e in range(g * size, (g + 1) * size)}
         chosen = sorted(allowed, key=lambda e: choice[e], reverse=True)[:K]
         gates = {e: z[e] for e in chosen}

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from moelab.config import make_config, yarn_mscale
-from moelab.model.rope import RotaryEmbedding, apply_rope, default_inv_freq, yarn_correction_range, yarn_inv_freq
+from moelab.model.rope import (
+    RotaryEmbedding,
+    apply_rope,
+    default_inv_freq,
+    yarn_correction_range,
+    yarn_inv_freq,
+)
 
 
 def rope_cfg(**kw):

@@ -91,7 +91,7 @@ def info(
     if as_json:
         print(json.dumps({"config": str(path), **b.as_dict()}, indent=2))
         return
-    t = Table(title=f"moelab info — {path}", show_header=False, title_justify="left")
+    t = Table(title=f"moelab info — {escape(str(path))}", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column(justify="right")
     t.add_column(style="dim")

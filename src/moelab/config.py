@@ -20,10 +20,10 @@ A TOML config holds the model under ``[model]`` (later stages add their own sect
 from __future__ import annotations
 
 import math
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from moelab.errors import ConfigError, did_you_mean
@@ -143,6 +143,17 @@ class ModelConfig(_Strict):
     def _zero_is_none(cls, v):
         return None if v == 0 else v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, data):
+        # pydantic's lax mode would read `num_hidden_layers = true` as 1
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field is not None and field.annotation is not bool:
+                    raise ValueError(f"{key} must be a number, not a boolean (got {value})")
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         problems: list[str] = []
@@ -212,8 +223,11 @@ class ModelConfig(_Strict):
                 p.append(f"q_lora_rank must be positive or null (got {self.q_lora_rank})")
             if self.qk_rope_head_dim % 2:
                 p.append(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even: RoPE rotates pairs")
-        else:
+        elif self.num_attention_heads > 0:
             kv = self.num_key_value_heads or self.num_attention_heads
+            if self.head_dim is not None and self.head_dim <= 0:
+                p.append(f"head_dim must be positive (got {self.head_dim})")
+                return p
             if kv <= 0 or self.num_attention_heads % kv:
                 p.append(f"num_key_value_heads ({kv}) must divide num_attention_heads "
                          f"({self.num_attention_heads})")
@@ -319,7 +333,7 @@ def _format_validation_error(err: ValidationError, where: str, model: type[BaseM
         elif e["type"] == "value_error":
             lines.append(f"{where}: {str(e['msg']).removeprefix('Value error, ')}")
         else:
-            lines.append(f"{where}.{loc}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{loc} in {where}: {e['msg']} (got {e.get('input')!r})")
     return "invalid config — " + "; ".join(lines)
 
 
@@ -349,6 +363,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
                               f"known sections: {', '.join(sorted(KNOWN_SECTIONS))}")
     if "model" not in data:
         raise ConfigError(f"{path} has no [model] section")
+    if not isinstance(data["model"], dict):
+        raise ConfigError(f"'model' in {path} must be a [model] table of settings, not {data['model']!r}")
     return data
 
 

@@ -42,9 +42,14 @@ def weight_files(directory: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
-        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+            names = list(dict.fromkeys(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e})") from None
+        bad = [n for n in names if not isinstance(n, str) or Path(n).name != n]
+        if bad:
+            raise CheckpointError(f"{index} names shard(s) outside the checkpoint directory: {bad[:3]}; "
+                                  "shards must be plain file names")
+        files = [directory / name for name in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index} lists shard(s) that do not exist: {', '.join(missing)}")
@@ -214,12 +219,17 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, dev
 
 
 def _stored_dtype(path: Path) -> torch.dtype:
-    with safe_open(str(path), framework="pt") as f:
-        for name in f.keys():  # noqa: SIM118
-            sl = f.get_slice(name)
-            dt = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(sl.get_dtype())
-            if dt is not None and not name.endswith(("gate.weight", "e_score_correction_bias")):
-                return dt
+    """The floating dtype of the first non-router tensor in ``path`` (fp32 if none)."""
+    _check_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118
+                kind = f.get_slice(name).get_dtype()
+                dt = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(kind)
+                if dt is not None and not name.endswith(("gate.weight", "e_score_correction_bias")):
+                    return dt
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
     return torch.float32
 
 
@@ -277,7 +287,11 @@ def save(model: DeepSeekForCausalLM, path: str | os.PathLike, *, max_shard_size:
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)  # put the previous checkpoint back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)

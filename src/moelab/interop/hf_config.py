@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab.config import ModelConfig, make_config
-from moelab.errors import CheckpointError
+from moelab.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +63,26 @@ _IGNORED = {
 
 def config_from_hf(raw: dict[str, Any], where: str = "config.json", **overrides: Any) -> ModelConfig:
     """Map a Hugging Face / hub ``config.json`` dict to a validated :class:`ModelConfig`."""
+    try:
+        return _config_from_hf(raw, where, **overrides)
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError, ZeroDivisionError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise CheckpointError(f"{where}: malformed value ({type(e).__name__}: {e}); compare it with the "
+                              "config.json of a released DeepSeek-V2/V3 checkpoint") from None
+
+
+def _config_from_hf(raw: dict[str, Any], where: str, **overrides: Any) -> ModelConfig:
     model_type = raw.get("model_type")
-    if model_type not in _HF_DEFAULTS:
+    if not isinstance(model_type, str) or model_type not in _HF_DEFAULTS:
         raise CheckpointError(
             f"{where}: model_type {model_type!r} is not a DeepSeek-style model moelab can load "
             f"(supported: {', '.join(sorted(_HF_DEFAULTS))})")
     if raw.get("quantization_config"):
         q = raw["quantization_config"]
-        raise CheckpointError(
-            f"{where}: quantised checkpoints are not supported ({q.get('quant_method', '?')} "
-            f"{q.get('fmt', '')}); dequantise the weights to bf16/fp32 safetensors first")
+        kind = f"{q.get('quant_method', '?')} {q.get('fmt', '')}".strip() if isinstance(q, dict) else str(q)
+        raise CheckpointError(f"{where}: quantised checkpoints are not supported ({kind}); dequantise the "
+                              "weights to bf16/fp32 safetensors first")
     values = dict(_HF_DEFAULTS[model_type])
     values["model_type"] = model_type
     fields = set(ModelConfig.model_fields)
@@ -86,8 +96,8 @@ def config_from_hf(raw: dict[str, Any], where: str = "config.json", **overrides:
             values["use_mla"] = False
     if model_type == "deepseek_v3":  # transformers' V3 router is always sigmoid + noaux_tc
         values.setdefault("scoring_func", "sigmoid")
-    if isinstance(values.get("eos_token_id"), list):
-        values["eos_token_id"] = values["eos_token_id"][0]
+    if isinstance(values.get("eos_token_id"), list):  # several EOS ids: generation stops at the first
+        values["eos_token_id"] = values["eos_token_id"][0] if values["eos_token_id"] else None
     if values.get("num_key_value_heads") == values.get("num_attention_heads") and values.get("use_mla", True):
         values["num_key_value_heads"] = None
     values["rope_theta"], values["rope_scaling"] = _rope_from_hf(raw, values)
@@ -97,6 +107,8 @@ def config_from_hf(raw: dict[str, Any], where: str = "config.json", **overrides:
 
 def _rope_from_hf(raw: dict[str, Any], values: dict[str, Any]) -> tuple[float, dict | None]:
     params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise CheckpointError(f"config.json: rope_parameters/rope_scaling must be an object (got {params!r})")
     if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
         params = next(iter(params.values()))  # per-layer-type form: one entry for all layers here
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from moelab.config import ModelConfig, yarn_mscale
 from moelab.model.fp32 import FP32Buffers
 

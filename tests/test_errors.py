@@ -1,0 +1,663 @@
+"""Bad input gets a clear moelab error (ConfigError / CheckpointError), never a deep stack trace."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+import torch
+from safetensors.torch import load_file, save_file
+
+import moelab
+import moelab.interop.checkpoint as ckpt_mod
+from moelab.config import load_model_config, make_config
+from moelab.errors import CheckpointError, ConfigError, MoelabError
+from moelab.model.transformer import DeepSeekForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.toml"
+BASE = tomllib.loads(TINY.read_text())["model"]
+
+
+def _clean(exc: BaseException) -> str:
+    """The message of a moelab error, checking it carries no chained ("during handling...") trace."""
+    assert isinstance(exc, MoelabError)
+    assert exc.__cause__ is None
+    assert exc.__context__ is None or exc.__suppress_context__, "error leaks a chained traceback"
+    msg = str(exc)
+    assert msg.strip()
+    return msg
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    return repr(v)
+
+
+def _write_toml(path: Path, model: dict, extra_sections: dict | None = None) -> Path:
+    """Write ``{"model": model, **extra_sections}`` as TOML (scalars + one level of sub-tables)."""
+    lines = []
+    for section, values in {"model": model, **(extra_sections or {})}.items():
+        lines.append(f"[{section}]")
+        subs = {k: v for k, v in values.items() if isinstance(v, dict)}
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
+        for name, sub in subs.items():
+            lines.append(f"[{section}.{name}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in sub.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# config: unknown keys, sections, files
+# ----------------------------------------------------------------------------------------------
+def test_toml_writer_round_trips(tmp_path):
+    assert load_model_config(_write_toml(tmp_path / "ok.toml", BASE)) == load_model_config(TINY)
+
+
+def test_unknown_key_names_key_and_suggestion():
+    with pytest.raises(ConfigError) as ei:
+        make_config({**BASE, "hiden_size": 128})
+    msg = _clean(ei.value)
+    assert "'hiden_size'" in msg and "'hidden_size'" in msg
+
+
+def test_unknown_key_in_toml_names_key_suggestion_and_file(tmp_path):
+    path = _write_toml(tmp_path / "typo.toml", {**BASE, "num_experts_per_tokens": 4})
+    with pytest.raises(ConfigError) as ei:
+        load_model_config(path)
+    msg = _clean(ei.value)
+    assert "num_experts_per_tokens" in msg and "'num_experts_per_tok'" in msg
+    assert "typo.toml" in msg
+
+
+def test_unknown_nested_key_suggests_from_nested_fields(tmp_path):
+    rope = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "betafast": 32.0}
+    for err in (lambda: make_config({**BASE, "rope_scaling": rope}),
+                lambda: load_model_config(_write_toml(tmp_path / "rope.toml", {**BASE, "rope_scaling": rope}))):
+        with pytest.raises(ConfigError) as ei:
+            err()
+        msg = _clean(ei.value)
+        assert "rope_scaling.betafast" in msg and "'beta_fast'" in msg
+
+
+def test_unknown_key_without_close_match_has_no_bogus_suggestion():
+    with pytest.raises(ConfigError) as ei:
+        make_config({**BASE, "zzzzqqqq": 1})
+    msg = _clean(ei.value)
+    assert "zzzzqqqq" in msg and "did you mean" not in msg
+
+
+def test_unknown_toml_section(tmp_path):
+    path = _write_toml(tmp_path / "s.toml", BASE, {"modle_extra": {"x": 1}})
+    with pytest.raises(ConfigError) as ei:
+        load_model_config(path)
+    msg = _clean(ei.value)
+    assert "[modle_extra]" in msg and "model" in msg
+
+
+def test_misspelt_model_section_suggests_model(tmp_path):
+    path = tmp_path / "m.toml"
+    path.write_text(TINY.read_text().replace("[model]", "[modle]"))
+    with pytest.raises(ConfigError) as ei:
+        load_model_config(path)
+    msg = _clean(ei.value)
+    assert "[modle]" in msg and "'model'" in msg
+
+
+def test_missing_model_section(tmp_path):
+    path = tmp_path / "empty.toml"
+    path.write_text("# nothing here\n")
+    with pytest.raises(ConfigError, match=r"\[model\]"):
+        load_model_config(path)
+
+
+@pytest.mark.parametrize("text", ["[model]\nhidden_size = = 3\n", "[model\n", "hidden_size = 'unterminated\n"])
+def test_invalid_toml(tmp_path, text):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as ei:
+        load_model_config(path)
+    msg = _clean(ei.value)
+    assert "bad.toml" in msg and "TOML" in msg
+
+
+def test_binary_file_as_toml(tmp_path):
+    path = tmp_path / "weights.toml"
+    path.write_bytes(b"\xff\xfe\x00\x01garbage")
+    with pytest.raises(ConfigError, match="TOML"):
+        load_model_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError) as ei:
+        load_model_config(tmp_path / "nope.toml")
+    msg = _clean(ei.value)
+    assert "nope.toml" in msg and "not found" in msg
+
+
+def test_model_key_that_is_not_a_table(tmp_path):
+    path = tmp_path / "m.toml"
+    path.write_text("model = 5\n")
+    with pytest.raises(ConfigError):
+        load_model_config(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# config: impossible combinations name the conflicting fields
+# ----------------------------------------------------------------------------------------------
+IMPOSSIBLE = {
+    "topk_gt_experts": ({"num_experts_per_tok": 17}, ["num_experts_per_tok", "17", "n_routed_experts", "16"]),
+    "n_group_not_dividing": ({"n_group": 3}, ["n_group", "3", "n_routed_experts", "16"]),
+    "topk_group_gt_n_group": ({"topk_group": 5}, ["topk_group", "5", "n_group", "4"]),
+    "noaux_tc_one_expert_per_group": ({"n_group": 16, "topk_group": 4}, ["noaux_tc", "n_group", "n_routed_experts"]),
+    "topk_beyond_kept_groups": ({"topk_group": 1, "num_experts_per_tok": 5},
+                                ["num_experts_per_tok", "topk_group"]),
+    "odd_qk_rope_head_dim": ({"qk_rope_head_dim": 15}, ["qk_rope_head_dim", "15", "even"]),
+    "negative_hidden": ({"hidden_size": -128}, ["hidden_size", "-128"]),
+    "zero_layers": ({"num_hidden_layers": 0}, ["num_hidden_layers"]),
+    "negative_moe_intermediate": ({"moe_intermediate_size": -1}, ["moe_intermediate_size"]),
+    "negative_kv_lora_rank": ({"kv_lora_rank": -32}, ["kv_lora_rank"]),
+    "negative_shared": ({"n_shared_experts": -1}, ["n_shared_experts"]),
+    "negative_vocab": ({"vocab_size": -5}, ["vocab_size"]),
+    "first_k_dense_gt_layers": ({"first_k_dense_replace": 5}, ["first_k_dense_replace", "5", "num_hidden_layers", "4"]),
+    "bos_ge_vocab": ({"bos_token_id": 512}, ["bos_token_id", "512", "vocab_size"]),
+    "eos_negative": ({"eos_token_id": -1}, ["eos_token_id", "vocab_size"]),
+    "string_for_int": ({"hidden_size": "big"}, ["hidden_size", "'big'"]),
+    "fraction_for_int": ({"num_hidden_layers": 2.5}, ["num_hidden_layers", "2.5"]),
+    "bad_literal": ({"scoring_func": "relu"}, ["scoring_func", "'relu'"]),
+    "yarn_factor_below_one": ({"rope_scaling": {"factor": 0.5, "original_max_position_embeddings": 256}},
+                              ["rope_scaling.factor", "0.5"]),
+    "yarn_missing_field": ({"rope_scaling": {"factor": 2.0}}, ["original_max_position_embeddings"]),
+    "mha_kv_heads_not_dividing": ({"use_mla": False, "num_key_value_heads": 3},
+                                  ["num_key_value_heads", "num_attention_heads"]),
+}
+
+
+@pytest.mark.parametrize("case", list(IMPOSSIBLE))
+def test_impossible_config_names_the_fields(case):
+    overrides, needles = IMPOSSIBLE[case]
+    with pytest.raises(ConfigError) as ei:
+        make_config({**BASE, **overrides})
+    msg = _clean(ei.value)
+    assert isinstance(ei.value, ValueError)
+    for needle in needles:
+        assert needle in msg, f"{needle!r} missing from: {msg}"
+
+
+@pytest.mark.parametrize("case", ["topk_gt_experts", "odd_qk_rope_head_dim", "string_for_int", "yarn_missing_field"])
+def test_impossible_config_from_toml_names_fields_and_file(tmp_path, case):
+    overrides, needles = IMPOSSIBLE[case]
+    path = _write_toml(tmp_path / f"{case}.toml", {**BASE, **overrides})
+    with pytest.raises(ConfigError) as ei:
+        load_model_config(path)
+    msg = _clean(ei.value)
+    assert f"{case}.toml" in msg
+    for needle in needles:
+        assert needle in msg
+
+
+def test_several_problems_are_reported_together():
+    with pytest.raises(ConfigError) as ei:
+        make_config({**BASE, "qk_rope_head_dim": 15, "bos_token_id": 9999})
+    msg = _clean(ei.value)
+    assert "qk_rope_head_dim" in msg and "bos_token_id" in msg
+
+
+def test_mha_zero_heads():
+    with pytest.raises(ConfigError, match="num_attention_heads"):
+        make_config({**BASE, "use_mla": False, "num_attention_heads": 0})
+
+
+def test_mha_negative_head_dim():
+    with pytest.raises(ConfigError, match="head_dim"):
+        make_config({**BASE, "use_mla": False, "head_dim": -2})
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model():
+    return DeepSeekForCausalLM.from_config(load_model_config(TINY), seed=0)
+
+
+@pytest.fixture(scope="module")
+def good_ckpt(tiny_model, tmp_path_factory):
+    return moelab.save(tiny_model, tmp_path_factory.mktemp("ckpt") / "good")
+
+
+@pytest.fixture(scope="module")
+def sharded_ckpt(tiny_model, tmp_path_factory):
+    return moelab.save(tiny_model, tmp_path_factory.mktemp("ckpt") / "sharded", max_shard_size="1MB")
+
+
+@pytest.fixture
+def ckpt(good_ckpt, tmp_path):
+    """A private copy of the good checkpoint to break."""
+    return Path(shutil.copytree(good_ckpt, tmp_path / "ckpt"))
+
+
+def _load_error(path, **kwargs) -> str:
+    with pytest.raises(CheckpointError) as ei:
+        moelab.load(path, **kwargs)
+    return _clean(ei.value)
+
+
+def test_good_checkpoint_loads(good_ckpt, sharded_ckpt, tiny_model):
+    for path in (good_ckpt, sharded_ckpt):
+        m = moelab.load(path)
+        for (n, a), (_, b) in zip(m.state_dict().items(), tiny_model.state_dict().items(), strict=True):
+            assert torch.equal(a, b), n
+
+
+def test_errors_are_moelab_errors():
+    assert issubclass(CheckpointError, MoelabError) and issubclass(ConfigError, MoelabError)
+    assert moelab.CheckpointError is CheckpointError and moelab.MoelabError is MoelabError
+
+
+def test_path_does_not_exist(tmp_path):
+    msg = _load_error(tmp_path / "nowhere")
+    assert "nowhere" in msg and "not found" in msg
+
+
+def test_file_instead_of_directory(good_ckpt):
+    msg = _load_error(good_ckpt / "model.safetensors")
+    assert "model.safetensors" in msg and "directory" in msg
+
+
+def test_directory_without_config_json(ckpt):
+    (ckpt / "config.json").unlink()
+    msg = _load_error(ckpt)
+    assert "config.json" in msg and str(ckpt) in msg
+
+
+def test_empty_directory(tmp_path):
+    assert "config.json" in _load_error(tmp_path)
+
+
+def test_directory_without_weights(ckpt):
+    (ckpt / "model.safetensors").unlink()
+    msg = _load_error(ckpt)
+    assert "model.safetensors" in msg and "weights" in msg
+
+
+class _Trap:
+    """Unpickling this creates ``path`` (proof that a file was unpickled)."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_trap_really_fires_when_unpickled(tmp_path):
+    """Sanity check of the marker technique used below."""
+    marker, f = tmp_path / "fired", tmp_path / "x.bin"
+    torch.save({"w": _Trap(marker)}, f)
+    assert not marker.exists()
+    torch.load(f, weights_only=False)["w"].close()
+    assert marker.exists()
+
+
+def test_pickle_only_checkpoint_is_refused_without_unpickling(ckpt, tmp_path):
+    marker = tmp_path / "UNPICKLED"
+    (ckpt / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": _Trap(marker)}, ckpt / "pytorch_model.bin")
+    msg = _load_error(ckpt)
+    assert not marker.exists(), "moelab unpickled pytorch_model.bin"
+    assert "pytorch_model.bin" in msg and "safetensors" in msg and "pickle" in msg
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle2", "pickle4", "pickle5"])
+def test_pickle_disguised_as_safetensors(ckpt, tmp_path, writer):
+    marker = tmp_path / "UNPICKLED"
+    target = ckpt / "model.safetensors"
+    payload = {"model.embed_tokens.weight": _Trap(marker)}
+    if writer == "torch.save":
+        torch.save(payload, target)
+    else:
+        with open(target, "wb") as f:
+            pickle.dump(payload, f, protocol=int(writer[-1]))
+    msg = _load_error(ckpt)
+    assert not marker.exists(), "moelab unpickled model.safetensors"
+    assert "model.safetensors" in msg and "pickle" in msg.lower()
+
+
+def test_truncated_safetensors(ckpt):
+    f = ckpt / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    msg = _load_error(ckpt)
+    assert "model.safetensors" in msg and "truncated" in msg
+
+
+@pytest.mark.parametrize("cut", [0, 5, 8])
+def test_tiny_or_empty_safetensors(ckpt, cut):
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:cut])
+    assert "model.safetensors" in _load_error(ckpt)
+
+
+def _header(data: bytes) -> tuple[int, dict]:
+    n = int.from_bytes(data[:8], "little")
+    return n, json.loads(data[8 : 8 + n])
+
+
+@pytest.mark.parametrize("kind", ["garbage_json", "huge_length", "not_json", "bad_offsets", "offsets_past_end"])
+def test_corrupt_header(ckpt, kind):
+    f = ckpt / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    n, header = _header(bytes(data))
+    if kind == "garbage_json":
+        data[9:40] = b"\x00garbage, not json at all!!!!\x01"
+    elif kind == "huge_length":
+        data[:8] = (1 << 60).to_bytes(8, "little")
+    elif kind == "not_json":
+        data[8:16] = b"\x00\x01\x02\x03\x04\x05\x06\x07"
+    else:
+        name = next(k for k in header if k != "__metadata__")
+        header[name]["data_offsets"] = "nonsense" if kind == "bad_offsets" else [0, 10**9]
+        blob = json.dumps(header).encode()
+        blob += b" " * ((8 - len(blob) % 8) % 8)
+        data = bytearray(len(blob).to_bytes(8, "little") + blob + bytes(data[8 + n :]))
+    f.write_bytes(bytes(data))
+    msg = _load_error(ckpt)
+    assert "model.safetensors" in msg
+
+
+def _edit_tensors(ckpt: Path, edit) -> None:
+    f = ckpt / "model.safetensors"
+    tensors = load_file(str(f))
+    edit(tensors)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("name", ["model.norm.weight", "model.layers.2.self_attn.kv_a_layernorm.weight",
+                                  "model.layers.1.mlp.experts.3.up_proj.weight",
+                                  "model.layers.3.mlp.experts.15.down_proj.weight", "lm_head.weight"])
+def test_missing_tensor_is_named(ckpt, name):
+    _edit_tensors(ckpt, lambda t: t.pop(name))
+    msg = _load_error(ckpt)
+    assert name in msg and "missing" in msg
+
+
+def test_many_missing_tensors_are_summarised(ckpt):
+    _edit_tensors(ckpt, lambda t: [t.pop(k) for k in [k for k in t if ".mlp.experts." in k]])
+    msg = _load_error(ckpt)
+    assert "missing" in msg and "more" in msg and len(msg) < 2000
+
+
+@pytest.mark.parametrize("name,shape", [("model.extra_proj.weight", (3, 4)),
+                                        ("model.layers.1.mlp.experts.16.gate_proj.weight", (64, 128)),
+                                        ("model.layers.0.mlp.experts.0.up_proj.weight", (64, 128))])
+def test_unexpected_tensor_is_named(ckpt, name, shape):
+    _edit_tensors(ckpt, lambda t: t.__setitem__(name, torch.zeros(shape)))
+    msg = _load_error(ckpt)
+    assert name in msg
+
+
+@pytest.mark.parametrize("name,bad,good", [
+    ("model.embed_tokens.weight", (500, 128), (512, 128)),
+    ("model.layers.0.mlp.down_proj.weight", (128, 383), (128, 384)),
+    ("model.layers.2.mlp.experts.7.gate_proj.weight", (63, 128), (64, 128)),
+    ("model.layers.1.self_attn.q_a_proj.weight", (65, 128), (64, 128)),
+])
+def test_shape_mismatch_names_tensor_and_both_shapes(ckpt, name, bad, good):
+    _edit_tensors(ckpt, lambda t: t.__setitem__(name, torch.zeros(bad)))
+    msg = _load_error(ckpt)
+    assert name in msg
+    for shape in (bad, good):
+        assert re.search(r"\D" + r",\s*".join(map(str, shape)) + r"\D", msg), f"{shape} missing from: {msg}"
+
+
+def test_index_lists_a_missing_shard(sharded_ckpt, tmp_path):
+    d = Path(shutil.copytree(sharded_ckpt, tmp_path / "sharded"))
+    shards = sorted(d.glob("model-*.safetensors"))
+    assert len(shards) >= 3
+    shards[1].unlink()
+    msg = _load_error(d)
+    assert shards[1].name in msg and "model.safetensors.index.json" in msg
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"metadata": {}}', "[1, 2]"])
+def test_unreadable_index(sharded_ckpt, tmp_path, text):
+    d = Path(shutil.copytree(sharded_ckpt, tmp_path / "sharded"))
+    (d / "model.safetensors.index.json").write_text(text)
+    assert "model.safetensors.index.json" in _load_error(d)
+
+
+def test_index_weight_map_not_an_object(sharded_ckpt, tmp_path):
+    d = Path(shutil.copytree(sharded_ckpt, tmp_path / "sharded"))
+    (d / "model.safetensors.index.json").write_text('{"weight_map": [1, 2]}')
+    _load_error(d)
+
+
+@pytest.mark.parametrize("text", ["{not json", "", "\xff\xfe", "[1, 2, 3]", '"a string"'])
+def test_config_json_not_json_or_not_an_object(ckpt, text):
+    (ckpt / "config.json").write_bytes(text.encode("latin-1"))
+    msg = _load_error(ckpt)
+    assert "config.json" in msg
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mixtral", None, 3])
+def test_model_type_not_deepseek(ckpt, model_type):
+    raw = json.loads((ckpt / "config.json").read_text())
+    if model_type is None:
+        raw.pop("model_type")
+    else:
+        raw["model_type"] = model_type
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    msg = _load_error(ckpt)
+    assert repr(model_type) in msg and "deepseek_v3" in msg
+
+
+def test_quantised_checkpoint(ckpt):
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3"}
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    assert "quantis" in _load_error(ckpt)
+
+
+def test_bad_value_in_config_json_is_a_moelab_error(ckpt):
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["hidden_size"] = "wide"
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(MoelabError) as ei:
+        moelab.load(ckpt)
+    msg = _clean(ei.value)
+    assert "hidden_size" in msg and "config.json" in msg
+
+
+def test_unknown_override_suggests_field(good_ckpt):
+    with pytest.raises(MoelabError) as ei:
+        moelab.load(good_ckpt, atn_impl="naive")
+    assert "'attn_impl'" in _clean(ei.value)
+
+
+# Malformed values in config.json: each must raise a MoelabError, never a bare Python error.
+def _cfg_edit(**changes):
+    def edit(raw):
+        raw.update(changes)
+        raw.pop("rope_scaling", None)
+    return edit
+
+
+MALFORMED = {
+    "quantization_config_string": (_cfg_edit(quantization_config="fp8"), AttributeError,
+                                   "hf_config.config_from_hf calls .get on a non-dict quantization_config"),
+    "rope_parameters_string": (_cfg_edit(rope_parameters="yarn"), AttributeError,
+                               "hf_config._rope_from_hf calls .get on a non-dict rope_parameters"),
+    "yarn_factor_string": (_cfg_edit(rope_parameters={"rope_type": "yarn", "factor": "big",
+                                                      "original_max_position_embeddings": 256}),
+                           ValueError, "hf_config._rope_from_hf: float('big') escapes as a bare ValueError"),
+    "model_type_list": (_cfg_edit(model_type=["deepseek_v3"]), TypeError,
+                        "hf_config.config_from_hf: `model_type not in _HF_DEFAULTS` with an unhashable value"),
+    "yarn_original_zero": (_cfg_edit(rope_parameters={"rope_type": "yarn", "original_max_position_embeddings": 0}),
+                           ZeroDivisionError, "hf_config._rope_from_hf divides by original_max_position_embeddings"),
+    "rope_theta_string": (_cfg_edit(rope_parameters={"rope_type": "default", "rope_theta": "fast"}), ValueError,
+                          "hf_config._rope_from_hf: float('fast') escapes as a bare ValueError"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_config_json_malformed_values(ckpt, case):
+    edit = MALFORMED[case][0]
+    raw = json.loads((ckpt / "config.json").read_text())
+    edit(raw)
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(MoelabError):
+        moelab.load(ckpt)
+
+
+@pytest.mark.parametrize("dtype", ["float33", "Tensor", "nn"])
+def test_unknown_dtype_string(good_ckpt, dtype):
+    assert repr(dtype) in _load_error(good_ckpt, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# save: bad arguments and atomic writes
+# ----------------------------------------------------------------------------------------------
+def test_save_bad_arguments(tiny_model, tmp_path):
+    with pytest.raises(CheckpointError, match="moelab model"):
+        moelab.save(torch.nn.Linear(2, 2), tmp_path / "x")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CheckpointError, match="afile"):
+        moelab.save(tiny_model, tmp_path / "afile")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(CheckpointError, match="overwrite"):
+        moelab.save(tiny_model, tmp_path / "exists", overwrite=False)
+    with pytest.raises(CheckpointError, match="lots"):
+        moelab.save(tiny_model, tmp_path / "y", max_shard_size="lots")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "exists"]
+
+
+def _fail_after_first_save_file(monkeypatch) -> list[str]:
+    real, calls = ckpt_mod.save_file, []
+
+    def flaky(tensors, filename, *args, **kwargs):
+        calls.append(filename)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device (simulated)")
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", flaky)
+    return calls
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_save_is_atomic_over_an_existing_checkpoint(tiny_model, tmp_path, monkeypatch):
+    parent = tmp_path / "runs"
+    out = moelab.save(tiny_model, parent / "ckpt")
+    before = _snapshot(out)
+    other = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        other.model.embed_tokens.weight.add_(1.0)
+    calls = _fail_after_first_save_file(monkeypatch)
+    with pytest.raises(OSError, match="simulated"):
+        moelab.save(other, out, max_shard_size="1MB")
+    assert len(calls) == 2  # it really failed midway, after one shard was written
+    assert [p.name for p in parent.iterdir()] == ["ckpt"], "a temporary directory was left behind"
+    assert _snapshot(out) == before
+    monkeypatch.undo()
+    loaded = moelab.load(out)
+    assert torch.equal(loaded.model.embed_tokens.weight, tiny_model.model.embed_tokens.weight)
+
+
+def test_save_is_atomic_for_a_new_checkpoint(tiny_model, tmp_path, monkeypatch):
+    parent = tmp_path / "runs"
+    parent.mkdir()
+    calls = _fail_after_first_save_file(monkeypatch)
+    with pytest.raises(OSError, match="simulated"):
+        moelab.save(tiny_model, parent / "new", max_shard_size="1MB")
+    assert len(calls) == 2
+    assert list(parent.iterdir()) == []
+
+
+def test_save_overwrites_when_complete(tiny_model, tmp_path):
+    out = moelab.save(tiny_model, tmp_path / "ckpt", max_shard_size="1MB")
+    assert (out / "model.safetensors.index.json").is_file()
+    moelab.save(tiny_model, out)  # single file now: no stale shards or index may remain
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    moelab.load(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: one line on stderr, non-zero exit, no traceback
+# ----------------------------------------------------------------------------------------------
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "200"}
+    p = subprocess.run([sys.executable, "-m", "moelab.cli", *args], cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=120)
+    p.stderr = _ANSI.sub("", p.stderr)
+    return p
+
+
+def _assert_clean_failure(p: subprocess.CompletedProcess) -> str:
+    assert p.returncode != 0, p
+    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("error:"), p.stderr
+    return lines[0]
+
+
+def test_cli_info_missing_path(tmp_path):
+    line = _assert_clean_failure(_cli("info", str(tmp_path / "missing.toml"), cwd=tmp_path))
+    assert "missing.toml" in line
+
+
+def test_cli_info_unknown_key(tmp_path):
+    _write_toml(tmp_path / "typo.toml", {**BASE, "hiden_size": 128})
+    line = _assert_clean_failure(_cli("info", "typo.toml", cwd=tmp_path))
+    assert "'hiden_size'" in line and "'hidden_size'" in line
+    assert "[model]" in line  # not eaten as console markup
+
+
+def test_cli_generate_without_config_json(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"")
+    line = _assert_clean_failure(_cli("generate", "ckpt", "--prompt-ids", "0,1", "-n", "2", cwd=tmp_path))
+    assert "config.json" in line and "ckpt" in line
+
+
+@pytest.mark.parametrize("eos,expected", [([], None), ([7, 9], 7), (9, 9)])
+def test_eos_token_id_lists(ckpt, eos, expected):
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["eos_token_id"] = eos
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    assert moelab.load(ckpt).config.eos_token_id == expected
+
+
+def test_index_may_not_point_outside_the_checkpoint(sharded_ckpt, tmp_path):
+    d = Path(shutil.copytree(sharded_ckpt, tmp_path / "sharded"))
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../elsewhere/model.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert "outside the checkpoint directory" in _load_error(d)
+
+
+def test_boolean_is_not_a_number():
+    with pytest.raises(ConfigError, match="num_hidden_layers must be a number"):
+        make_config({**BASE, "num_hidden_layers": True})
