@@ -156,3 +156,26 @@ def test_cli_greedy_matches_transformers_generate(tmp_path):
     got = [int(t) for t in res.stdout.strip().splitlines()[-1].split(",")]
     # the CLI stops at the checkpoint's EOS (id 1); transformers was told not to
     assert got == ref[:len(got)] and (len(got) == 16 or got[-1] == 1)
+
+
+def test_dense_gqa_path_matches_transformers_llama():
+    """The MHA/GQA path (use_mla=false, half-rotation RoPE, dense SwiGLU) is exactly a Llama block:
+    transformers' LlamaForCausalLM is its oracle. Parameter names coincide, so weights copy across."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, initializer_range=0.1,
+        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})).eval()
+    cfg = make_config(dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, use_mla=False, rope_interleave=False,
+                           n_routed_experts=0, max_position_embeddings=128, rms_norm_eps=1e-6))
+    ours = DeepSeekForCausalLM.from_config(cfg).eval()
+    missing, unexpected = ours.load_state_dict(llama.state_dict(), strict=False)
+    assert not missing and not [k for k in unexpected if "rotary" not in k]
+    ids = torch.randint(0, 160, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, llama(ids).logits, atol=ATOL, rtol=0)
+        ref = llama.generate(ids[:1, :5], max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert generate(ours, ids[:1, :5], 12, SamplingConfig(greedy=True)).tolist() == ref.tolist()
