@@ -203,7 +203,7 @@ def generate(
     if dtype not in (None, "float32", "bfloat16"):
         raise MoelabError(f"--dtype must be float32 or bfloat16 (got {dtype})")
     sampling = SamplingConfig(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    model = load(checkpoint, dtype=dtype)
+    model = load(checkpoint, dtype=dtype, progress=True)
     cfg = model.config
     tokenizer = None
     if prompt is not None:

@@ -114,8 +114,10 @@ def _shape(t) -> str:
     return "[" + ", ".join(str(s) for s in t) + "]"
 
 
-def load_state_into(model: DeepSeekForCausalLM, files: list[Path]) -> None:
-    """Copy HF-named tensors into ``model`` (stacking experts), checking names and shapes."""
+def load_state_into(model: DeepSeekForCausalLM, files: list[Path], on_tensor=None) -> None:
+    """Copy HF-named tensors into ``model`` (stacking experts), checking names and shapes.
+
+    ``on_tensor()`` is called after each tensor read (progress reporting)."""
     cfg = model.config
     params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
     expected = {k for k, _ in model.state_dict().items()}
@@ -123,6 +125,8 @@ def load_state_into(model: DeepSeekForCausalLM, files: list[Path]) -> None:
     experts_seen: dict[str, set[tuple[int, str]]] = {}
     unexpected: list[str] = []
     for name, tensor, path in iter_tensors(files):
+        if on_tensor is not None:
+            on_tensor()
         layer = _LAYER.match(name)
         if layer and int(layer.group(1)) >= cfg.num_hidden_layers:
             continue  # e.g. DeepSeek-V3's multi-token-prediction layer 61: not part of the LM
@@ -184,7 +188,7 @@ def load_state_into(model: DeepSeekForCausalLM, files: list[Path]) -> None:
 
 
 def load(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-         **config_overrides) -> DeepSeekForCausalLM:
+         progress: bool = False, **config_overrides) -> DeepSeekForCausalLM:
     """Load a Hugging Face DeepSeek-V2/V3 (or moelab) checkpoint directory.
 
     Args:
@@ -192,6 +196,7 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, dev
         dtype: parameter dtype; None keeps the dtype stored in the checkpoint. Router weights and the
             balancing bias stay fp32.
         device: where to put the weights.
+        progress: show a progress bar (on stderr) while tensors are read.
         **config_overrides: moelab settings to change, e.g. ``attn_impl="naive"``.
 
     Returns the model in eval mode; ``model(input_ids)`` returns an object with ``.logits [B, T, V]``.
@@ -213,9 +218,25 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, dev
     with torch.device("meta"):
         model = DeepSeekForCausalLM(cfg)
     model.to(dtype).to_empty(device=device)  # allocate once, at the target dtype (the bias stays fp32)
-    load_state_into(model, files)
+    if progress:
+        from rich.console import Console
+        from rich.progress import Progress
+
+        total = sum(_tensor_count(f) for f in files)
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task(f"loading {directory.name}", total=total)
+            load_state_into(model, files, on_tensor=lambda: bar.advance(task))
+    else:
+        load_state_into(model, files)
     model.reset_buffers()
     return model.eval()
+
+
+def _tensor_count(path: Path) -> int:
+    _check_safetensors(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return sum(1 for k in json.loads(f.read(n)) if k != "__metadata__")
 
 
 def _stored_dtype(path: Path) -> torch.dtype:
