@@ -179,3 +179,28 @@ def test_dense_gqa_path_matches_transformers_llama():
         torch.testing.assert_close(ours(ids).logits, llama(ids).logits, atol=ATOL, rtol=0)
         ref = llama.generate(ids[:1, :5], max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert generate(ours, ids[:1, :5], 12, SamplingConfig(greedy=True)).tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("kw", [dict(n_routed_experts=0), dict(n_shared_experts=0)])
+def test_dense_and_unshared_models_export_to_transformers(kw, tmp_path):
+    from moelab.interop.hf_config import config_from_hf
+
+    cfg = config_from_hf(v3_config().to_dict()).model_copy(update=kw)
+    cfg = make_config(cfg.model_dump())
+    ours = DeepSeekForCausalLM.from_config(cfg, seed=2)
+    moelab.save(ours, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    hf.save_pretrained(tmp_path / "again")          # transformers' own files load back into moelab
+    back = moelab.load(tmp_path / "again")
+    ids = torch.randint(0, 160, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids).logits, atol=ATOL, rtol=0)
+        torch.testing.assert_close(back(ids).logits, ours(ids).logits, atol=ATOL, rtol=0)
+
+
+def test_bf16_load_keeps_router_fp32(tmp_path):
+    hf_model(v3_config()).save_pretrained(tmp_path)
+    m = moelab.load(tmp_path, dtype="bfloat16")
+    assert m.dtype == torch.bfloat16
+    assert m.model.layers[1].mlp.gate.weight.dtype == torch.float32
+    assert m.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32

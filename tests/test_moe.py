@@ -194,3 +194,24 @@ def test_active_parameter_identity_deepseekmoe_2b_shape():
     shared = 3 * 32 * 16
     per_layer_active = b.activated_routed_expert_params // cfg.num_hidden_layers + shared
     assert per_layer_active == 2 * ffn
+
+
+def test_hub_v2_rule_does_not_renormalise_a_single_expert():
+    cfg = make_config(BASE | dict(scoring_func="softmax", topk_method="greedy", num_experts_per_tok=1,
+                                  norm_topk_prob=True, routed_scaling_factor=16.0, scale_only_if_unnormalized=True))
+    router = Router(cfg)
+    router.reset_parameters(0.5)
+    r = router(torch.randn(8, 32))
+    torch.testing.assert_close(r.weights[:, 0], r.scores.amax(dim=-1) * 16.0)
+
+
+def test_router_weight_and_logits_stay_fp32_under_bf16():
+    cfg = make_config(BASE | ROUTERS["sigmoid_noaux_tc"])
+    model = DeepSeekForCausalLM.from_config(cfg, seed=0, dtype=torch.bfloat16)
+    gate = model.model.layers[0].mlp.gate
+    assert gate.weight.dtype == torch.float32
+    seen = []
+    model.model.layers[0].mlp.routing_observers.append(lambda m, r: seen.append(r))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 64, (1, 6)))
+    assert seen[0].logits.dtype == torch.float32

@@ -68,7 +68,9 @@ class RopeScaling(_Strict):
 class ModelConfig(_Strict):
     """A DeepSeek-style decoder: DeepSeekMoE feed-forward layers and MLA (or MHA/GQA) attention.
 
-    Defaults follow Hugging Face's ``DeepseekV3Config`` where it has the field.
+    Sizes default to DeepSeek-V3's; routing defaults to plain sigmoid top-k with the loss-free bias
+    (one group, no dense layers, scale 1.0). Loading a ``config.json`` fills missing keys with the
+    defaults of the Hugging Face class of its ``model_type`` instead (moelab.interop.hf_config).
     """
 
     #: Hugging Face model type written on export: deepseek_v3 (sigmoid/noaux_tc routers), deepseek_v2
@@ -345,8 +347,8 @@ def make_config(values: dict[str, Any], where: str = "[model]") -> ModelConfig:
         raise ConfigError(_format_validation_error(e, where, ModelConfig)) from None
 
 
-#: Top-level TOML sections moelab knows. Later stages register theirs here.
-KNOWN_SECTIONS = {"model"}
+#: Top-level TOML sections moelab knows: the model, and the pre-training stage (moelab.train.config).
+KNOWN_SECTIONS = {"model", "data", "train", "balance"}
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from safetensors.torch import save_file
 
 from moelab.config import ModelConfig
 from moelab.errors import CheckpointError
-from moelab.interop.hf_config import config_to_hf, read_config_json
+from moelab.interop.hf_config import config_to_hf, hf_compatibility_warnings, read_config_json
 from moelab.model.transformer import DeepSeekForCausalLM
 
 INDEX = "model.safetensors.index.json"
@@ -124,12 +125,15 @@ def load_state_into(model: DeepSeekForCausalLM, files: list[Path], on_tensor=Non
     filled: set[str] = set()
     experts_seen: dict[str, set[tuple[int, str]]] = {}
     unexpected: list[str] = []
+    n_mtp = max(cfg.num_nextn_predict_layers, 1 if cfg.hf_model_type == "deepseek_v3" else 0)
     for name, tensor, path in iter_tensors(files):
         if on_tensor is not None:
             on_tensor()
         layer = _LAYER.match(name)
-        if layer and int(layer.group(1)) >= cfg.num_hidden_layers:
-            continue  # e.g. DeepSeek-V3's multi-token-prediction layer 61: not part of the LM
+        if layer and cfg.num_hidden_layers <= int(layer.group(1)) < cfg.num_hidden_layers + n_mtp:
+            continue  # DeepSeek-V3's multi-token-prediction layer(s) after the LM: not part of it
+        if ".mlp.shared_experts." in name and not cfg.n_shared_experts and tensor.numel() == 0:
+            continue  # transformers writes empty shared-expert tensors when there are none
         if name.endswith("rotary_emb.inv_freq"):
             continue
         m = _EXPERT.match(name)
@@ -296,6 +300,8 @@ def save(model: DeepSeekForCausalLM, path: str | os.PathLike, *, max_shard_size:
     """
     if not isinstance(model, DeepSeekForCausalLM):
         raise CheckpointError(f"moelab.save expects a moelab model, got {type(model).__name__}")
+    for msg in hf_compatibility_warnings(model.config):
+        warnings.warn(f"moelab.save: {msg}", stacklevel=2)
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is a file; give a directory path")

@@ -146,6 +146,11 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, An
         torch_dtype=torch_dtype,
         use_cache=True,
     )
+    # transformers rejects nulls here and builds MoE layers from first_k_dense_replace on
+    d.update(n_shared_experts=cfg.n_shared_experts or 0, n_group=cfg.n_group or 1, topk_group=cfg.topk_group or 1)
+    if not cfg.is_moe:
+        d.update(first_k_dense_replace=cfg.num_hidden_layers, n_routed_experts=0, n_shared_experts=0,
+                 num_experts_per_tok=0)
     if not cfg.use_mla:
         d["head_dim"] = cfg.attn_head_dim
     if cfg.hf_model_type == "deepseek":  # the hub DeepSeekMoE code reads rope_scaling, not rope_parameters
@@ -169,6 +174,9 @@ def hf_compatibility_warnings(cfg: ModelConfig) -> list[str]:
         w.append("transformers' DeepseekV2 router ignores norm_topk_prob (never renormalises)")
     if not cfg.use_mla and cfg.hf_model_type != "deepseek":
         w.append("transformers' DeepseekV2/V3 classes have no MHA variant (use_mla=false)")
+    if cfg.moe_layer_freq > 1 and cfg.hf_model_type != "deepseek":
+        w.append(f"transformers ignores moe_layer_freq ({cfg.moe_layer_freq}): it would make every layer from "
+                 "first_k_dense_replace on an MoE layer")
     if cfg.hf_model_type == "deepseek":
         w.append("model_type 'deepseek' (DeepSeekMoE) is opened by the hub code, not transformers itself")
     return w

@@ -36,6 +36,7 @@ class DeepSeekMoE(nn.Module):
         shape = x.shape
         x_NH = x.reshape(-1, shape[-1])
         routing = self.gate(x_NH)
+        routing.batch_shape = tuple(shape[:-1])
         for fn in self.routing_observers:
             fn(self, routing)
         y = self.experts(x_NH, routing.indices, routing.weights)

@@ -34,16 +34,19 @@ class Routing:
     weights: torch.Tensor  # [N, K] fp32 gate values applied to the expert outputs
     scores: torch.Tensor   # [N, E] fp32 unbiased scores s
     logits: torch.Tensor   # [N, E] fp32
+    batch_shape: tuple[int, ...] | None = None  # (B, T) when N = B·T tokens came from a batch of sequences
 
 
 class Router(FP32Buffers):
     """forward(x ``[N, H]``) -> :class:`Routing`.
 
     ``e_score_correction_bias`` ``[E]`` exists for ``topk_method = "noaux_tc"``; it is a persistent fp32
-    buffer without gradient that stays fp32 when the module is cast to another dtype.
+    buffer without gradient. It and the router weight stay fp32 when the model is cast to another
+    dtype, and the logits are computed in fp32 even under autocast.
     """
 
     _fp32_buffers = ("e_score_correction_bias",)
+    _fp32_params = ("weight",)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -61,16 +64,18 @@ class Router(FP32Buffers):
             self.e_score_correction_bias = None
 
     def forward(self, x: torch.Tensor) -> Routing:
-        logits = F.linear(x.to(torch.float32), self.weight.to(torch.float32))      # [N, E]
+        with torch.autocast(x.device.type, enabled=False):  # routing is decided in fp32, even under autocast
+            logits = F.linear(x.to(torch.float32), self.weight.to(torch.float32))  # [N, E]
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.method != "greedy" and self.n_group > 1:
             choice = self._mask_groups(choice)
         indices = torch.topk(choice, k=self.top_k, dim=-1, sorted=False).indices   # [N, K]
         weights = scores.gather(1, indices)
-        if self.norm_topk_prob:
+        if self.norm_topk_prob and (self.top_k > 1 or not self.scale_only_if_unnormalized):
+            # hub V2 (scale_only_if_unnormalized) renormalises only for K > 1; HF V3 always does
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        if not (self.scale_only_if_unnormalized and self.norm_topk_prob):
+        if not (self.scale_only_if_unnormalized and self.norm_topk_prob and self.top_k > 1):
             weights = weights * self.scale
         return Routing(indices=indices, weights=weights, scores=scores, logits=logits)
 

@@ -1,0 +1,1 @@
+"""Training: the loop, LR schedules, load balancing, checkpoints, reports."""
