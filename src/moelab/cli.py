@@ -10,7 +10,6 @@ Errors a user can cause are printed as one line on stderr with a non-zero exit s
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -21,30 +20,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from moelab.cli_utils import err, friendly
+from moelab.data.cli import data_app
 from moelab.errors import MoelabError
 
 app = typer.Typer(
     name="moelab", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="A toolkit for DeepSeek-style sparse language models (DeepSeekMoE, MLA, YaRN).",
 )
-err = Console(stderr=True)
-
-
-def friendly(fn):
-    """Turn moelab errors into a one-line message on stderr and exit status 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MoelabError as e:
-            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err.print("interrupted")
-            raise typer.Exit(130) from None
-
-    return wrapper
+app.add_typer(data_app, name="data", help="Prepare corpora: train a tokenizer, write memory-mapped token files.")
 
 
 def _read_config(path: Path):
@@ -235,6 +219,54 @@ def generate(
         print((prompt or "") + tokenizer.decode(new, skip_special_tokens=True))
     if as_ids or tokenizer is None:
         print(",".join(str(i) for i in new))
+
+
+@app.command()
+@friendly
+def train(
+    config: Annotated[Path, typer.Argument(help="TOML file with [model], [data], [train] and [balance] sections.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: runs/<config name>).")] = None,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a setting: --set train.steps=200 --set balance.method=aux_loss (repeatable).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+):
+    """Pre-train a model: AdamW, LR schedule, bf16 autocast, loss-free balancing, checkpoints, report.
+
+    Prepare data first (moelab data prepare shakespeare --out runs/data/shakespeare). Writes
+    RUN_DIR/metrics.jsonl, TensorBoard events (RUN_DIR/tb), checkpoints (RUN_DIR/checkpoints/step-N, each
+    a Hugging Face model plus the training state) and RUN_DIR/report/ (loss, MaxVio and expert-load
+    plots, summary.md). Ctrl-C writes a checkpoint and stops; --resume continues exactly.
+
+        moelab train configs/tiny.toml --set train.steps=300
+
+        moelab train configs/tiny.toml --out runs/tiny --resume
+    """
+    from moelab.train.config import load_run_config
+    from moelab.train.loop import train as run_train
+
+    cfg = load_run_config(config, overrides or [])
+    run_dir = out or Path("runs") / config.stem
+    result = run_train(cfg, run_dir, resume=resume, progress=progress)
+    ev = result.last_eval
+    line = f"step {result.step}, {result.tokens:,} tokens"
+    if ev:
+        line += (f" · val loss {ev['val_loss']:.3f} · ppl {ev['val_ppl']:.2f} · {ev['val_bpb']:.3f} bits/byte"
+                 + (f" · MaxVio_global {ev['maxvio_global']:.3f}" if "maxvio_global" in ev else ""))
+    if result.status == "interrupted":
+        err.print(f"interrupted: checkpoint {result.checkpoint}; continue with --resume")
+        raise typer.Exit(130)
+    Console().print(f"{line}\nreport: {result.run_dir / 'report' / 'summary.md'}\n"
+                    f"checkpoint: {result.checkpoint / 'model' if result.checkpoint else '-'}")
+
+
+@app.command()
+@friendly
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written by `moelab train`.")]):
+    """(Re)write RUN_DIR/report/ from metrics.jsonl and expert_load.npy."""
+    from moelab.train.report import write_report
+
+    Console().print(f"wrote {write_report(run_dir)}")
 
 
 def main() -> None:

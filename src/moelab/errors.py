@@ -23,6 +23,14 @@ class CheckpointError(MoelabError):
     """A checkpoint directory or weight file cannot be read or does not match its config."""
 
 
+class DataError(MoelabError):
+    """A corpus, tokenizer or token directory cannot be read, or a data request is impossible."""
+
+
+class TrainingError(MoelabError):
+    """A training run cannot go on (a non-finite loss, data that does not fit the model, ...)."""
+
+
 def closest(name: str, candidates: Iterable[str]) -> str | None:
     """The candidate most similar to ``name`` (for "did you mean ...?" hints), or None."""
     matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)

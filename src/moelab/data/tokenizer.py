@@ -1,16 +1,21 @@
 """Tokenizers: Hugging Face ``tokenizers`` byte-level BPE, saved as ``tokenizer.json``.
 
 DeepSeek special-token strings use U+FF5C (｜) bars and U+2581 (▁) — not ASCII (METHODS.md §11).
+
+Id layout of every tokenizer moelab builds: the 8 :data:`SPECIAL_TOKENS` at ids 0..7 (BOS 0, EOS 1,
+PAD 2), then the 256 byte symbols at 8..263 (sorted, as in :func:`byte_level_tokenizer`), then the
+merges that :func:`train_tokenizer` learns. Any text encodes, and decodes back exactly.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from moelab.errors import CheckpointError
+from moelab.errors import CheckpointError, DataError
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -35,6 +40,55 @@ def byte_level_tokenizer(special_tokens: list[str] = SPECIAL_TOKENS) -> Tokenize
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(special_tokens)
     return tok
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
+                    special_tokens: list[str] = SPECIAL_TOKENS) -> Tokenizer:
+    """Train a byte-level BPE on ``texts`` with the id layout of :func:`byte_level_tokenizer`.
+
+    The special tokens come first (BOS 0, EOS 1, PAD 2, ...), then all 256 byte symbols whether or not
+    the texts use them (so any text encodes), then merges until ``vocab_size`` tokens or until no pair
+    occurs ``min_frequency`` times (the vocabulary may then be smaller: read ``get_vocab_size()``).
+    Digits are split one per token before BPE, as DeepSeek's tokenizers do, so numbers never merge.
+    """
+    check_vocab_size(vocab_size, len(special_tokens))
+    if min_frequency < 1:
+        raise DataError(f"min_frequency must be at least 1 (got {min_frequency})")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = _pre_tokenizer()
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(special_tokens),
+        initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet()), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def check_vocab_size(vocab_size: int, n_special: int = len(SPECIAL_TOKENS)) -> None:
+    """Raise a :class:`DataError` unless ``vocab_size`` holds the special tokens and the 256 bytes."""
+    minimum = n_special + 256
+    if vocab_size < minimum:
+        raise DataError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least {minimum} "
+                        f"({n_special} special tokens + 256 bytes)")
+
+
+def _pre_tokenizer():
+    # Digits(individual) isolates every digit, then ByteLevel maps bytes to symbols and splits words
+    # the GPT-2 way. Pre-tokenizers only split, so decoding concatenates back to the exact text.
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+
+
+def check_layout(tok: Tokenizer, where: str = "the tokenizer") -> None:
+    """Raise a :class:`DataError` unless BOS, EOS and PAD sit at ids 0, 1, 2 (the moelab layout)."""
+    for name, want in ((BOS, 0), (EOS, 1), (PAD, 2)):
+        got = tok.token_to_id(name)
+        if got != want:
+            raise DataError(f"{where} has {name!r} at id {got}, not {want}: moelab expects BOS 0, EOS 1, "
+                            "PAD 2; train one instead (omit --tokenizer) or use a moelab tokenizer.json")
 
 
 def save_tokenizer(tok: Tokenizer, directory: str | Path) -> None:

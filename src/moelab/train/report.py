@@ -340,7 +340,7 @@ def _summary(run_dir: Path, m: Metrics, load: tuple[np.ndarray, list[int]] | Non
         rows.append((f"train loss (mean of the last {SMOOTH_STEPS} steps)", _fmt(loss.mean() if loss.size else math.nan, ".4f")))
         tok = tr["tokens"][np.isfinite(tr["tokens"])]
         seen = tok[-1] if tok.size else math.nan
-        rows.append(("optimizer steps", f"{int(last) + 1:,}"))
+        rows.append(("optimizer steps", f"{int(last):,}"))
         rows.append(("tokens seen", f"{int(seen):,} ({_si(seen)})" if math.isfinite(seen) else "n/a"))
         tps = tr["tokens_per_s"][np.isfinite(tr["tokens_per_s"])]
         rows.append(("throughput (median tokens/s)", f"{np.median(tps):,.0f}" if tps.size else "n/a"))

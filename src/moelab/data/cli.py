@@ -1,0 +1,80 @@
+"""``moelab data ...``: turn text into token directories for pre-training.
+
+    moelab data prepare shakespeare --out data/shk                 # the demo corpus, 8k BPE
+    moelab data prepare "src/**/*.py" docs/ --out data/code --vocab-size 16384
+    moelab data prepare chats.jsonl --text-field content --out data/chats --tokenizer data/shk
+    moelab data info data/shk
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from moelab.cli_utils import err, friendly
+
+data_app = typer.Typer(
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Prepare pre-training data: train a byte-level BPE tokenizer and write token files.",
+)
+
+
+@data_app.command()
+@friendly
+def prepare(
+    sources: Annotated[list[str], typer.Argument(
+        help="'shakespeare' (demo corpus), a directory, a quoted glob ('src/**/*.py'), a .txt/.jsonl/"
+             ".parquet file, or a datasets save_to_disk directory. Several are read in order.",
+        show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Token directory to write.")],
+    tokenizer: Annotated[Path | None, typer.Option(
+        help="Use this tokenizer.json (or a directory holding one) instead of training one.")] = None,
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size of the trained tokenizer.")] = 8192,
+    min_frequency: Annotated[int, typer.Option(min=1, help="Merge only pairs seen this often.")] = 2,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of documents held out for validation.")] = 0.05,
+    val_docs: Annotated[int | None, typer.Option(min=0, help="Hold out exactly this many documents "
+                                                            "(instead of --val-fraction).")] = None,
+    text_field: Annotated[str, typer.Option(help="JSONL field / Parquet column with the text.")] = "text",
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on a file that is not UTF-8 "
+                                                         "instead of skipping it.")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip malformed JSONL lines "
+                                                             "instead of failing.")] = False,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the train/val split.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing token directory.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or table.")] = False,
+):
+    """Read SOURCE..., train a tokenizer on the train documents, and write OUT (tokens + tokenizer).
+
+    Documents are split into train/val whole; each is written as its tokens followed by EOS. Nothing
+    is left at OUT unless the run completes.
+    """
+    from moelab.data.tokens import prepare as run_prepare
+
+    run_prepare(sources, out, tokenizer, vocab_size=vocab_size, min_frequency=min_frequency,
+                val_fraction=val_fraction, val_docs=val_docs, seed=seed, text_field=text_field,
+                strict=strict, skip_bad=skip_bad, overwrite=overwrite, progress=not quiet, console=err)
+
+
+@data_app.command()
+@friendly
+def info(
+    directory: Annotated[Path, typer.Argument(help="A token directory written by `moelab data prepare`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print meta.json as it is.")] = False,
+):
+    """Show documents, bytes, tokens and bytes/token per split of a token directory."""
+    from moelab.data.tokens import read_meta, summary_table
+
+    meta = read_meta(directory)
+    if as_json:
+        print(json.dumps(meta, indent=2, ensure_ascii=False))
+        return
+    out = Console()
+    out.print(summary_table(meta, title=f"moelab data — {escape(str(directory))}"))
+    for s in meta.get("sources", []):
+        out.print(f"  source {escape(s['source'])} ({s['kind']}): {s['documents']:,} documents, "
+                  f"{s['bytes']:,} bytes", highlight=False)

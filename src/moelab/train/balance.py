@@ -1,0 +1,188 @@
+"""Expert load balancing: the auxiliary-loss-free bias, auxiliary losses, and MaxVio (METHODS.md §3).
+
+Legend: L MoE layers, E routed experts, K experts per token, N tokens (= B·T), B sequences.
+
+    loss-free (2408.15664 Alg. 1):  b_i += u · sign(mean(c) − c_i)   once per optimizer step,
+        c = expert assignment counts summed over every micro-batch of the step (and over data-parallel
+        ranks); step t+1 routes with the bias built from step t's loads — a batch never sees its own.
+    expert-level aux loss (2401.06066 eq. 12-14):  α·Σ_i f_i·P_i,
+        f_i = E/(K·N)·Σ_t 1[t→i],   P_i = (1/N)·Σ_t s'_{i,t}
+    sequence-wise (2412.19437 §2.1.2): the same per sequence (N = T), averaged over the batch
+    device-level: f'_d = mean_{i∈d} f_i,  P'_d = Σ_{i∈d} P_i,  α₂·Σ_d f'_d·P'_d
+    MaxVio = (max_i load_i − mean load) / mean load, averaged over MoE layers
+
+``s'`` is the router score normalised over experts (softmax scores already are; sigmoid scores are
+divided by their sum, as in the V3 sequence-wise loss), so a perfectly balanced router gives loss α.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+from moelab.errors import ConfigError
+from moelab.model.moe import DeepSeekMoE
+from moelab.model.router import Routing
+from moelab.train.config import BalanceConfig
+
+
+def maxvio(load: torch.Tensor) -> torch.Tensor:
+    """MaxVio over the last dimension: ``(max − mean)/mean`` of expert loads ``[..., E]``."""
+    load = load.to(torch.float64)
+    mean = load.mean(dim=-1)
+    return (load.amax(dim=-1) - mean) / mean.clamp_min(1e-12)
+
+
+def _normalised_scores(r: Routing) -> torch.Tensor:
+    s = r.scores
+    return s / s.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+
+def expert_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """``Σ_i f_i·P_i`` for one group of tokens: scores ``[N, E]`` (normalised), indices ``[N, K]``."""
+    N, K = indices.shape
+    counts = torch.bincount(indices.reshape(-1), minlength=n_experts).to(scores.dtype)
+    f = counts * n_experts / (K * N)
+    return (f * scores.mean(dim=0)).sum()
+
+
+def device_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int, n_devices: int) -> torch.Tensor:
+    N, K = indices.shape
+    counts = torch.bincount(indices.reshape(-1), minlength=n_experts).to(scores.dtype)
+    f = (counts * n_experts / (K * N)).view(n_devices, -1).mean(dim=1)
+    P = scores.mean(dim=0).view(n_devices, -1).sum(dim=1)
+    return (f * P).sum()
+
+
+class Balancer:
+    """Watches every DeepSeekMoE layer of a model (as a routing observer) to count expert loads,
+    build auxiliary losses and update the loss-free bias.
+
+    Training forwards (``module.training``) are counted for the bias and MaxVio_batch; evaluation
+    forwards are counted only inside :meth:`measure` (MaxVio_global) and never move the bias.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: BalanceConfig):
+        self.cfg = cfg
+        self.layers = [m for m in model.modules() if isinstance(m, DeepSeekMoE)]
+        self.layer_ids = [m.layer_idx for m in self.layers]
+        self._index = {id(m): i for i, m in enumerate(self.layers)}
+        E = self.layers[0].gate.n_experts if self.layers else 0
+        self.n_experts = E
+        self.top_k = self.layers[0].gate.top_k if self.layers else 0
+        if cfg.method == "loss_free" and self.layers and self.layers[0].gate.e_score_correction_bias is None:
+            raise ConfigError("balance.method = 'loss_free' needs the routing bias: set model.topk_method = "
+                              "'noaux_tc' (with n_group = 1 for plain top-k), or choose balance.method = 'aux_loss'")
+        if cfg.n_devices > 1 and E % cfg.n_devices:
+            raise ConfigError(f"balance.n_devices ({cfg.n_devices}) must divide n_routed_experts ({E})")
+        self.counts = torch.zeros(len(self.layers), E, dtype=torch.float64)
+        self.eval_counts = torch.zeros_like(self.counts)
+        self._measuring = False
+        self._frozen = False
+        self._aux: list[torch.Tensor] = []
+        for m in self.layers:
+            m.routing_observers.append(self._observe)
+
+    @property
+    def wants_aux(self) -> bool:
+        c = self.cfg
+        return (c.method == "aux_loss" and (c.aux_alpha > 0 or c.device_alpha > 0)) or c.seq_aux_alpha > 0
+
+    def detach(self) -> None:
+        for m in self.layers:
+            if self._observe in m.routing_observers:
+                m.routing_observers.remove(self._observe)
+
+    # -- observation ----------------------------------------------------------------------------
+    def _observe(self, module: DeepSeekMoE, r: Routing) -> None:
+        i = self._index[id(module)]
+        with torch.no_grad():
+            counts = torch.bincount(r.indices.reshape(-1), minlength=self.n_experts).to(torch.float64).cpu()
+        if module.training:
+            self.counts[i] += counts
+            if self.wants_aux and torch.is_grad_enabled():
+                self._aux.append(self._aux_loss(r))
+        elif self._measuring:
+            self.eval_counts[i] += counts
+
+    def _aux_loss(self, r: Routing) -> torch.Tensor:
+        c, E = self.cfg, self.n_experts
+        s = _normalised_scores(r)
+        loss = s.new_zeros(())
+        if c.method == "aux_loss":
+            if c.aux_kind == "expert" and c.aux_alpha > 0:
+                loss = loss + c.aux_alpha * expert_balance_loss(s, r.indices, E)
+            elif c.aux_kind == "sequence" and c.aux_alpha > 0:
+                loss = loss + c.aux_alpha * self._sequence_loss(r, s)
+            if c.device_alpha > 0 and c.n_devices > 1:
+                loss = loss + c.device_alpha * device_balance_loss(s, r.indices, E, c.n_devices)
+        if c.seq_aux_alpha > 0:
+            loss = loss + c.seq_aux_alpha * self._sequence_loss(r, s)
+        return loss
+
+    def _sequence_loss(self, r: Routing, s: torch.Tensor) -> torch.Tensor:
+        B, T = r.batch_shape if r.batch_shape and len(r.batch_shape) == 2 else (1, s.shape[0])
+        if self.cfg.seq_aux_indicator == "unbiased_topk":
+            idx = torch.topk(r.scores, k=self.top_k, dim=-1).indices
+        else:
+            idx = r.indices
+        s_b, idx_b = s.view(B, T, -1), idx.view(B, T, -1)
+        return torch.stack([expert_balance_loss(s_b[b], idx_b[b], self.n_experts) for b in range(B)]).mean()
+
+    # -- per step ---------------------------------------------------------------------------------
+    def pop_aux_loss(self) -> torch.Tensor | None:
+        """Sum of the auxiliary losses collected since the last call (None if there are none)."""
+        if not self._aux:
+            return None
+        total = torch.stack(self._aux).sum()
+        self._aux.clear()
+        return total
+
+    @torch.no_grad()
+    def step(self, tokens_seen: int = 0) -> dict:
+        """Call once per optimizer step, after backward: all-reduce the step's loads, update the bias
+        (loss-free), reset the counts. Returns MaxVio_batch (mean over layers, and per layer)."""
+        if not self.layers:
+            return {}
+        loads = self.counts
+        if dist.is_available() and dist.is_initialized():
+            loads = loads.clone()
+            dist.all_reduce(loads, op=dist.ReduceOp.SUM)
+        per_layer = maxvio(loads) if loads.sum() > 0 else torch.zeros(len(self.layers), dtype=torch.float64)
+        c = self.cfg
+        if c.freeze_after_tokens is not None and tokens_seen >= c.freeze_after_tokens:
+            self._frozen = True
+        if c.method == "loss_free" and c.bias_update_rate > 0 and not self._frozen and loads.sum() > 0:
+            mean = loads.mean(dim=1, keepdim=True)
+            if c.bias_update_rule == "sign":
+                delta = c.bias_update_rate * torch.sign(mean - loads)
+            else:  # linear: proportional to the relative violation
+                delta = c.bias_update_rate * (mean - loads) / mean.clamp_min(1e-12)
+            for layer, d in zip(self.layers, delta, strict=True):
+                bias = layer.gate.e_score_correction_bias
+                bias += d.to(bias.device, torch.float32)
+                if c.bias_recenter:
+                    bias -= bias.mean()
+        self.counts.zero_()
+        return {"maxvio_batch": float(per_layer.mean()), "maxvio_batch_layers": per_layer.tolist()}
+
+    @contextlib.contextmanager
+    def measure(self):
+        """Count loads of evaluation forwards inside the block (for MaxVio_global and the heatmap)."""
+        self.eval_counts.zero_()
+        self._measuring = True
+        try:
+            yield self
+        finally:
+            self._measuring = False
+
+    def global_stats(self) -> dict:
+        loads = self.eval_counts
+        if not self.layers or loads.sum() == 0:
+            return {}
+        per_layer = maxvio(loads)
+        share = loads / loads.sum(dim=1, keepdim=True)
+        return {"maxvio_global": float(per_layer.mean()), "maxvio_global_layers": per_layer.tolist(),
+                "expert_share": share.numpy()}

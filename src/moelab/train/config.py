@@ -1,0 +1,168 @@
+"""Typed configuration of a pre-training run: the ``[data]``, ``[train]`` and ``[balance]`` sections
+of a TOML file (the ``[model]`` section is :class:`moelab.config.ModelConfig`).
+
+    moelab train configs/tiny.toml --set train.steps=100 --set balance.method=aux_loss
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from moelab.config import ModelConfig, _format_validation_error, read_toml
+from moelab.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the tokens come from (a directory written by ``moelab data prepare``)."""
+
+    path: str = "runs/data/shakespeare"
+    seq_len: int = 256
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.seq_len < 2:
+            raise ValueError(f"data.seq_len must be >= 2 (got {self.seq_len})")
+        return self
+
+
+class TrainConfig(_Section):
+    """The optimisation recipe (defaults: DeepSeek LLM / DeepSeekMoE, METHODS.md §1 and §10)."""
+
+    steps: int | None = None            # optimizer steps; or give `tokens`
+    tokens: int | None = None           # token budget -> steps = tokens // (batch_size·grad_accum·seq_len)
+    batch_size: int = 16                # sequences per micro-batch
+    grad_accum: int = 1                 # micro-batches per optimizer step
+    lr: float = 1e-3                    # peak learning rate
+    lr_schedule: Literal["multistep", "cosine", "wsd", "constant"] = "multistep"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1           # cosine / wsd floor
+    milestones: tuple[float, float] = (0.8, 0.9)
+    gamma: float = 0.316
+    decay_fraction: float = 0.2         # wsd
+    weight_decay: float = 0.1           # not on norms, biases or the routing bias
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0              # 0 = off
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"   # autocast dtype; weights stay fp32
+    seed: int = 0
+    threads: int | None = None          # torch intra-op threads (None: torch's default)
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 16
+    ckpt_every: int = 500
+    keep_last: int = 2
+    init_from: str | None = None        # start from a checkpoint directory instead of random weights
+    sample_prompt: str = ""             # text sampled at the end of the run (empty: skip)
+
+    @model_validator(mode="after")
+    def _check(self):
+        p = []
+        if (self.steps is None) == (self.tokens is None):
+            p.append("give exactly one of train.steps and train.tokens")
+        for name in ("batch_size", "grad_accum", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_last"):
+            if getattr(self, name) < 1:
+                p.append(f"train.{name} must be >= 1 (got {getattr(self, name)})")
+        if (self.steps is not None and self.steps < 1) or (self.tokens is not None and self.tokens < 1):
+            p.append("train.steps / train.tokens must be positive")
+        if self.lr <= 0:
+            p.append(f"train.lr must be positive (got {self.lr})")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            p.append("train.warmup_steps, grad_clip and weight_decay must not be negative")
+        if p:
+            raise ValueError("; ".join(p))
+        return self
+
+    def total_steps(self, seq_len: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, self.tokens // (self.batch_size * self.grad_accum * seq_len))
+
+
+class BalanceConfig(_Section):
+    """Expert load balancing (METHODS.md §3).
+
+    * ``loss_free``: a per-expert bias, added to the scores for top-k selection only, moves by
+      ``bias_update_rate·sign(mean load − load_i)`` once per optimizer step from that step's loads.
+      Needs a router with the bias (``topk_method = "noaux_tc"``; ``n_group = 1`` for plain top-k).
+    * ``aux_loss``: the expert-level balance loss ``α·Σ f_i·P_i`` (``aux_kind = "sequence"`` for the
+      DeepSeek-V3 sequence-wise variant), optionally a device-level term.
+    * ``none``: no balancing.
+
+    ``seq_aux_alpha`` adds the sequence-wise loss on top of any method (DeepSeek-V3: loss_free + 1e-4).
+    """
+
+    method: Literal["loss_free", "aux_loss", "none"] = "loss_free"
+    bias_update_rate: float = 1e-3
+    bias_update_rule: Literal["sign", "linear"] = "sign"
+    #: [UNCERTAIN] torchtitan re-centres the bias after each update; the paper and Megatron do not.
+    bias_recenter: bool = False
+    freeze_after_tokens: int | None = None
+    aux_alpha: float = 1e-3
+    aux_kind: Literal["expert", "sequence"] = "expert"
+    device_alpha: float = 0.0
+    n_devices: int = 1
+    seq_aux_alpha: float = 0.0
+    #: [UNCERTAIN] V3 prints the indicator as top-K of the unbiased scores; implementations use the
+    #: actual routing map ("routed").
+    seq_aux_indicator: Literal["unbiased_topk", "routed"] = "unbiased_topk"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.bias_update_rate < 0 or self.aux_alpha < 0 or self.device_alpha < 0 or self.seq_aux_alpha < 0:
+            raise ValueError("balance rates and coefficients must not be negative")
+        if self.n_devices < 1:
+            raise ValueError(f"balance.n_devices must be >= 1 (got {self.n_devices})")
+        return self
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    train: TrainConfig
+    balance: BalanceConfig = BalanceConfig()
+
+
+def _coerce(text: str) -> Any:
+    """Read a --set value as TOML (numbers, booleans, strings, arrays); bare words stay strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (``--set``) to a parsed TOML dict."""
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set expects section.key=value (got {item!r}), e.g. --set train.steps=100")
+        dotted, value = item.split("=", 1)
+        *sections, key = dotted.strip().split(".")
+        node = data
+        for s in sections:
+            node = node.setdefault(s, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: {s} is not a section")
+        node[key] = _coerce(value.strip())
+    return data
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    data = apply_overrides(read_toml(path), list(overrides))
+    if "train" not in data:
+        raise ConfigError(f"{path} has no [train] section; add one with at least `steps = N` or `tokens = N`")
+    try:
+        return RunConfig(**data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, str(path), RunConfig)) from None
+
+
+__all__ = ["BalanceConfig", "DataConfig", "RunConfig", "TrainConfig", "apply_overrides", "load_run_config"]

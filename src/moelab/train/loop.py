@@ -1,0 +1,334 @@
+"""The pre-training loop.
+
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size × seq_len`` tokens:
+
+    for each micro-batch:  loss = CE(model(x), y) + aux;  (loss / grad_accum).backward()
+    clip gradients; set the LR for this step; AdamW step
+    balancer.step()        # loss-free bias update from this step's loads, MaxVio_batch
+
+Batches are a pure function of (seed, step, micro-batch) (:meth:`TokenData.batch`), so a resumed run
+sees exactly the batches an uninterrupted one would: with fp32 on the CPU, the losses after a
+resume equal those of a run that never stopped (tested).
+
+Writes into RUN_DIR: ``metrics.jsonl`` (one JSON object per logged step / evaluation), TensorBoard
+events under ``tb/``, checkpoints under ``checkpoints/``, ``expert_load.npy`` and ``report/`` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moelab.data.tokens import TokenData
+from moelab.errors import TrainingError
+from moelab.interop.checkpoint import load as load_checkpoint_dir
+from moelab.model.transformer import DeepSeekForCausalLM
+from moelab.train.balance import Balancer
+from moelab.train.config import RunConfig
+from moelab.train.schedule import LRSchedule
+from moelab.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    status: str                 # "finished" | "interrupted"
+    last_eval: dict
+    checkpoint: Path | None
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices (linear, embedding, expert weights), none on norms and
+    biases. The routing bias is a buffer, so it is in no group at all."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def autocast_ctx(dtype: str, device: torch.device):
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the step and exits.
+    A second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class MetricsLog:
+    """Appends JSON lines to metrics.jsonl and mirrors scalars to TensorBoard (if installed)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "metrics.jsonl"
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, int | float) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop lines logged after the checkpoint step (they will be logged again)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+@torch.no_grad()
+def evaluate(model, data: TokenData, batch_size: int, seq_len: int, max_batches: int, dtype: str,
+             balancer: Balancer | None = None) -> dict:
+    """Validation loss (nats/token), perplexity, bits per byte and MaxVio_global."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    ctx = balancer.measure() if balancer is not None else nullcontext()
+    with ctx:
+        for x, y in data.eval_batches(batch_size, seq_len, max_batches):
+            with autocast_ctx(dtype, model.device):
+                logits = model(x.to(model.device)).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(model.device).flatten(), reduction="sum")
+            total += float(loss)
+            count += y.numel()
+    model.train(was_training)
+    if count == 0:
+        raise TrainingError("the validation split is too small for one evaluation window; "
+                            "lower data.seq_len or prepare more validation data")
+    val_loss = total / count
+    out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+           "val_bpb": val_loss / math.log(2) / data.bytes_per_token, "val_tokens": count}
+    if balancer is not None:
+        out.update(balancer.global_stats())
+    return out
+
+
+def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+          on_event: Callable[[str, dict], None] | None = None) -> RunResult:
+    """Run (or resume) pre-training as configured; returns where it stopped."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tc, dc = cfg.train, cfg.data
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    train_data, val_data = TokenData(dc.path, "train"), TokenData(dc.path, "val")
+    tok_vocab = int(train_data.meta["vocab_size"])
+    if tok_vocab > cfg.model.vocab_size:
+        raise TrainingError(f"the tokenizer in {dc.path} has {tok_vocab} tokens but model.vocab_size is "
+                            f"{cfg.model.vocab_size}; raise model.vocab_size to at least {tok_vocab}")
+    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+
+    torch.manual_seed(tc.seed)
+    if tc.init_from:
+        model = load_checkpoint_dir(tc.init_from, dtype=torch.float32)
+    else:
+        model = DeepSeekForCausalLM.from_config(cfg.model, seed=tc.seed)
+    model.train()
+    balancer = Balancer(model, cfg.balance)
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas, eps=tc.eps,
+                                  fused=False)
+    total_steps = tc.total_steps(dc.seq_len)
+    schedule = LRSchedule(total_steps=total_steps, peak_lr=tc.lr, schedule=tc.lr_schedule,
+                          warmup_steps=min(tc.warmup_steps, total_steps - 1), min_lr_ratio=tc.min_lr_ratio,
+                          milestones=tuple(tc.milestones), gamma=tc.gamma, decay_fraction=tc.decay_fraction)
+    tokens_per_step = tc.batch_size * tc.grad_accum * dc.seq_len
+    tokenizer_file = Path(dc.path) / "tokenizer.json"
+
+    step, tokens, last_eval = 0, 0, {}
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise TrainingError(f"--resume: no checkpoint in {run_dir}/checkpoints; start without --resume")
+        state = load_checkpoint(ckpt, model, optimizer)
+        step, tokens = int(state["step"]), int(state["tokens"])
+        balancer._frozen = bool(state.get("bias_frozen", False))
+        truncate_metrics(run_dir / "metrics.jsonl", step)
+    elif (run_dir / "metrics.jsonl").exists() and latest_checkpoint(run_dir) is not None:
+        raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    elif (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()
+
+    log = MetricsLog(run_dir)
+    emit = on_event or (lambda kind, rec: None)
+    last_ckpt: Path | None = latest_checkpoint(run_dir)
+
+    def checkpoint() -> Path:
+        state = {"tokens": tokens, "bias_frozen": balancer._frozen, "total_steps": total_steps}
+        return save_checkpoint(run_dir, step, model, optimizer, state, tc.keep_last, tokenizer_file)
+
+    bar = _progress(progress, total_steps, step)
+    status = "finished"
+    window_t, window_tokens, losses = time.perf_counter(), 0, []
+    try:
+        with _StopFlag() as stop, bar:
+            while step < total_steps:
+                lr = schedule.apply(optimizer, step)
+                step_loss, step_aux = 0.0, 0.0
+                for micro in range(tc.grad_accum):
+                    x, y = train_data.batch(tc.batch_size, dc.seq_len, step, micro, tc.seed)
+                    with autocast_ctx(tc.dtype, model.device):
+                        logits = model(x).logits
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                    aux = balancer.pop_aux_loss()
+                    total = loss if aux is None else loss + aux
+                    if not torch.isfinite(total.detach()):
+                        raise TrainingError(
+                            f"the loss became {float(total.detach())} at step {step + 1}; stopping. The last good "
+                            f"checkpoint is {last_ckpt or '(none yet)'}. Try a lower train.lr, "
+                            "train.dtype = 'float32', or a smaller train.grad_clip")
+                    (total / tc.grad_accum).backward()
+                    step_loss += float(loss.detach()) / tc.grad_accum
+                    step_aux += (float(aux.detach()) if aux is not None else 0.0) / tc.grad_accum
+                grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0
+                             else torch.tensor(0.0))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens += tokens_per_step
+                window_tokens += tokens_per_step
+                bal = balancer.step(tokens)
+                losses.append(step_loss)
+                if step % tc.log_every == 0 or step == total_steps:
+                    now = time.perf_counter()
+                    rec = {"step": step, "tokens": tokens, "loss": sum(losses) / len(losses), "aux_loss": step_aux,
+                           "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": window_tokens / (now - window_t),
+                           "maxvio_batch": bal.get("maxvio_batch", 0.0)}
+                    log.write(rec)
+                    emit("log", rec)
+                    window_t, window_tokens, losses = now, 0, []
+                    bar.update(rec)
+                if step % tc.eval_every == 0 or step == total_steps:
+                    last_eval = {"step": step, "tokens": tokens, **evaluate(
+                        model, val_data, tc.batch_size, dc.seq_len, tc.eval_batches, tc.dtype, balancer)}
+                    share = last_eval.pop("expert_share", None)
+                    if share is not None:
+                        _save_expert_load(run_dir, share, balancer.layer_ids)
+                    log.write(last_eval)
+                    emit("eval", last_eval)
+                    bar.update(last_eval)
+                if step % tc.ckpt_every == 0 or step == total_steps:
+                    last_ckpt = checkpoint()
+                elif stop.requested:
+                    last_ckpt = checkpoint()
+                if stop.requested:
+                    status = "interrupted"
+                    break
+                bar.advance()
+    finally:
+        log.close()
+        balancer.detach()
+    if status == "finished":
+        from moelab.train.report import write_report
+
+        write_report(run_dir)
+    return RunResult(run_dir, step, tokens, status, last_eval, last_ckpt)
+
+
+def _save_expert_load(run_dir: Path, share: np.ndarray, layer_ids: list[int]) -> None:
+    tmp = run_dir / "expert_load.tmp.npy"
+    np.save(tmp, share.astype(np.float64))
+    tmp.replace(run_dir / "expert_load.npy")
+    (run_dir / "expert_load_layers.json").write_text(json.dumps(layer_ids))
+
+
+class _progress:
+    """A rich progress bar showing step, loss, tokens/s, MaxVio and ETA (no-op when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+        self.task = self.progress.add_task("train", total=total, completed=start, info="")
+        self.fields: dict = {}
+
+    def __enter__(self):
+        if self.enabled:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.__exit__(*exc)
+
+    def update(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        self.fields.update(rec)
+        f = self.fields
+        parts = []
+        if "loss" in f:
+            parts.append(f"loss {f['loss']:.3f}")
+        if "val_loss" in f:
+            parts.append(f"val {f['val_loss']:.3f}")
+        if "tokens_per_s" in f:
+            parts.append(f"{f['tokens_per_s'] / 1000:.1f}k tok/s")
+        if "maxvio_batch" in f:
+            parts.append(f"MaxVio {f['maxvio_batch']:.2f}")
+        self.progress.update(self.task, info=" · ".join(parts))
+
+    def advance(self) -> None:
+        if self.enabled:
+            self.progress.advance(self.task)

@@ -1,0 +1,268 @@
+"""The training loop and load balancing (METHODS.md §3 checks, exact resume, failure handling).
+
+Toy sizes: a 2-layer model with 8 experts on a few thousand tokens of Shakespeare, a few seconds each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moelab.config import make_config
+from moelab.data.tokens import prepare
+from moelab.errors import ConfigError, TrainingError
+from moelab.model.moe import DeepSeekMoE
+from moelab.train.balance import Balancer, expert_balance_loss, maxvio
+from moelab.train.config import BalanceConfig, RunConfig, load_run_config
+from moelab.train.loop import train
+
+EXCERPT = Path(__file__).parent / "data" / "shakespeare_excerpt.txt"
+
+MODEL = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+             qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, kv_lora_rank=16, q_lora_rank=None,
+             n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16,
+             first_k_dense_replace=0, scoring_func="sigmoid", topk_method="noaux_tc", n_group=1, topk_group=1,
+             initializer_range=0.05, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("corpus")
+    text = EXCERPT.read_text(encoding="utf-8")
+    for i in range(8):  # eight documents, so the validation split is never empty
+        (src / f"doc{i}.txt").write_text(text[i * 2500:(i + 1) * 2500], encoding="utf-8")
+    out = tmp_path_factory.mktemp("tokens") / "d"
+    prepare([src], out, vocab_size=300, val_docs=2, progress=False)
+    return out
+
+
+def run_config(data_dir: Path, **train_kw) -> RunConfig:
+    t = dict(steps=6, batch_size=4, lr=3e-3, warmup_steps=1, log_every=1, eval_every=3, eval_batches=2,
+             ckpt_every=3, keep_last=5, dtype="float32", seed=0)
+    t.update(train_kw)
+    balance = t.pop("balance", {})
+    return RunConfig(model=make_config(MODEL), data={"path": str(data_dir), "seq_len": 32}, train=t,
+                     balance=balance)
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+# ------------------------------------------------------------------------------------------------
+# MaxVio and auxiliary losses: hand-computed values
+# ------------------------------------------------------------------------------------------------
+def test_maxvio_on_hand_computed_loads():
+    assert float(maxvio(torch.tensor([3.0, 1, 1, 1]))) == pytest.approx(1.0)
+    assert float(maxvio(torch.tensor([2.0, 2, 2, 2]))) == 0.0
+    assert maxvio(torch.tensor([[4.0, 0, 0, 0], [1, 1, 1, 1]])).tolist() == pytest.approx([3.0, 0.0])
+
+
+def test_perfectly_balanced_softmax_router_gives_alpha():
+    E, N = 4, 8
+    scores = torch.full((N, E), 1 / E)                          # uniform softmax scores
+    idx = torch.tensor([[0, 1], [2, 3]] * 4)                    # every expert chosen equally often
+    assert float(expert_balance_loss(scores, idx, E)) == pytest.approx(1.0)   # × α = α
+    skewed = torch.tensor([[0, 1]] * N)
+    s = torch.tensor([[0.4, 0.4, 0.1, 0.1]]).expand(N, E)
+    # f = [2, 2, 0, 0] (E/(K·N)·count), P = [.4, .4, .1, .1] -> 1.6
+    assert float(expert_balance_loss(s, skewed, E)) == pytest.approx(1.6)
+
+
+# ------------------------------------------------------------------------------------------------
+# the loss-free bias
+# ------------------------------------------------------------------------------------------------
+def _moe_model(**kw):
+    from moelab.model.transformer import DeepSeekForCausalLM
+
+    return DeepSeekForCausalLM.from_config(make_config(MODEL | kw), seed=0)
+
+
+def test_one_update_moves_each_expert_by_exactly_u_from_summed_micro_batches():
+    model = _moe_model()
+    bal = Balancer(model, BalanceConfig(method="loss_free", bias_update_rate=1e-3))
+    model.train()
+    layer = bal.layers[0]
+    before = layer.gate.e_score_correction_bias.clone()
+    seen = []
+    layer.routing_observers.append(lambda m, r: seen.append(r.indices.clone()))
+    for _ in range(4):                                           # four micro-batches, one optimizer step
+        model(torch.randint(0, 320, (2, 16)))
+    counts = torch.bincount(torch.cat(seen).flatten(), minlength=8).double()
+    bal.step()
+    delta = layer.gate.e_score_correction_bias - before
+    expected = 1e-3 * torch.sign(counts.mean() - counts)
+    torch.testing.assert_close(delta.double(), expected, atol=1e-9, rtol=0)
+    assert all(v == 0 or abs(v - 1e-3) < 1e-9 for v in delta.abs().tolist())
+
+
+def test_eval_forwards_do_not_count_and_zero_rate_keeps_bias_bit_identical():
+    model = _moe_model()
+    bal = Balancer(model, BalanceConfig(method="loss_free", bias_update_rate=0.0))
+    for layer in bal.layers:
+        layer.gate.e_score_correction_bias.normal_(0, 0.1)
+    before = [layer.gate.e_score_correction_bias.clone() for layer in bal.layers]
+    model.eval()
+    with torch.no_grad():
+        model(torch.randint(0, 320, (2, 16)))
+    assert bal.counts.sum() == 0                                 # eval never feeds the bias
+    model.train()
+    model(torch.randint(0, 320, (2, 16)))
+    assert bal.counts.sum() == 2 * 16 * 2 * 2                    # tokens × K × layers
+    bal.step()
+    for b, layer in zip(before, bal.layers, strict=True):
+        assert torch.equal(b, layer.gate.e_score_correction_bias)
+
+
+def test_recentring_changes_the_bias_but_not_the_assignments():
+    torch.manual_seed(0)
+    a, b = _moe_model(), _moe_model()
+    bal_a = Balancer(a, BalanceConfig(method="loss_free", bias_update_rate=1e-2, bias_recenter=False))
+    bal_b = Balancer(b, BalanceConfig(method="loss_free", bias_update_rate=1e-2, bias_recenter=True))
+    a.train(), b.train()
+    for _ in range(5):
+        x = torch.randint(0, 320, (2, 16))
+        with torch.no_grad():
+            a(x), b(x)
+        bal_a.step(), bal_b.step()
+    ba, bb = bal_a.layers[0].gate.e_score_correction_bias, bal_b.layers[0].gate.e_score_correction_bias
+    assert abs(float(bb.mean())) < 1e-6 and not torch.allclose(ba, bb)
+    x = torch.randn(64, 32)
+    assert torch.equal(bal_a.layers[0].gate(x).indices.sort(1).values, bal_b.layers[0].gate(x).indices.sort(1).values)
+
+
+def test_loss_free_needs_a_router_with_the_bias():
+    model = _moe_model(scoring_func="softmax", topk_method="greedy")
+    with pytest.raises(ConfigError, match="noaux_tc"):
+        Balancer(model, BalanceConfig(method="loss_free"))
+
+
+def test_toy_skewed_router_maxvio_falls_5x_within_500_steps():
+    """METHODS.md §3: frozen skewed sigmoid router, 64 experts, top-6, 4096 tokens per batch, u = 1e-3."""
+    cfg = make_config(MODEL | dict(hidden_size=16, n_routed_experts=64, num_experts_per_tok=6, moe_intermediate_size=2))
+    moe = DeepSeekMoE(cfg, 0).train()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        moe.gate.weight.copy_(torch.randn(64, 16, generator=gen) * 0.3)
+        moe.gate.weight[:8] += 0.5                               # eight experts are favoured by every token
+    bal = Balancer(torch.nn.ModuleList([moe]), BalanceConfig(method="loss_free", bias_update_rate=1e-3))
+    history = []
+    for _ in range(500):
+        x = torch.randn(4096, 16, generator=gen) + 0.5
+        with torch.no_grad():
+            bal._observe(moe, moe.gate(x))                       # routing only; the experts do not matter
+        history.append(bal.step()["maxvio_batch"])
+    start, end = np.mean(history[:5]), np.mean(history[-20:])
+    assert start > 1.0 and end < start / 5, (start, end)
+
+
+def test_aux_loss_is_added_and_has_gradients_only_through_the_scores():
+    model = _moe_model(scoring_func="softmax", topk_method="greedy")
+    bal = Balancer(model, BalanceConfig(method="aux_loss", aux_alpha=1e-2))
+    model.train()
+    model(torch.randint(0, 320, (2, 16)))
+    aux = bal.pop_aux_loss()
+    assert aux is not None and aux.requires_grad and 0 < float(aux.detach()) < 1
+    aux.backward()
+    assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+    assert bal.pop_aux_loss() is None
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+# ------------------------------------------------------------------------------------------------
+def test_run_writes_metrics_checkpoints_and_report(data_dir, tmp_path):
+    res = train(run_config(data_dir), tmp_path / "run", progress=False)
+    assert res.status == "finished" and res.step == 6 and res.tokens == 6 * 4 * 32
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in lines if "loss" in r]
+    evals = [r for r in lines if "val_loss" in r]
+    assert [r["step"] for r in train_lines] == [1, 2, 3, 4, 5, 6]
+    assert {"step", "loss", "lr", "tokens_per_s", "maxvio_batch"} <= set(train_lines[0])
+    assert [r["step"] for r in evals] == [3, 6]
+    e = evals[-1]
+    assert e["val_ppl"] == pytest.approx(math.exp(e["val_loss"]))
+    assert {"val_bpb", "maxvio_global"} <= set(e)
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000003", "step-00000006"]
+    for f in ("loss.png", "maxvio.png", "expert_load.png", "summary.md"):
+        assert (tmp_path / "run" / "report" / f).is_file()
+    assert list((tmp_path / "run" / "tb").iterdir())                     # TensorBoard events
+    share = np.load(tmp_path / "run" / "expert_load.npy")
+    assert share.shape == (2, 8) and np.allclose(share.sum(1), 1)
+    import moelab  # the checkpoint is a HF model
+    m = moelab.load(tmp_path / "run" / "checkpoints" / "step-00000006" / "model")
+    assert (tmp_path / "run" / "checkpoints" / "step-00000006" / "model" / "tokenizer.json").is_file()
+    assert m.model.layers[0].mlp.gate.e_score_correction_bias.abs().sum() > 0   # the bias moved and was saved
+
+
+def test_loss_decreases_on_real_text(data_dir, tmp_path):
+    res = train(run_config(data_dir, steps=40, eval_every=40, ckpt_every=40), tmp_path / "r", progress=False)
+    losses = train_losses(tmp_path / "r")
+    assert np.mean([losses[s] for s in range(36, 41)]) < losses[1] - 1.0
+    assert res.last_eval["val_loss"] < math.log(320)
+
+
+def test_resume_after_sigint_reproduces_the_uninterrupted_losses(data_dir, tmp_path):
+    full = train(run_config(data_dir, balance={"method": "loss_free", "bias_update_rate": 1e-2}), tmp_path / "a",
+                 progress=False)
+    assert full.status == "finished"
+
+    def interrupt(kind, rec):
+        if kind == "log" and rec["step"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)                 # as if the user pressed Ctrl-C
+
+    cfg = run_config(data_dir, balance={"method": "loss_free", "bias_update_rate": 1e-2})
+    part = train(cfg, tmp_path / "b", progress=False, on_event=interrupt)
+    assert part.status == "interrupted" and part.step == 4
+    assert part.checkpoint.name == "step-00000004"
+    with pytest.raises(TrainingError, match="--resume"):
+        train(cfg, tmp_path / "b", progress=False)              # refuses to overwrite a run
+    rest = train(cfg, tmp_path / "b", resume=True, progress=False)
+    assert rest.status == "finished" and rest.step == 6
+    a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    for s in range(1, 7):
+        assert b[s] == a[s], (s, a[s], b[s])                    # bit-identical in fp32 on the CPU
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
+    import moelab.train.loop as loop
+
+    real = loop.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*a, **kw):
+        calls["n"] += 1
+        out = real(*a, **kw)
+        return out * float("nan") if calls["n"] == 5 else out   # step 5's training loss
+
+    monkeypatch.setattr(loop.F, "cross_entropy", poisoned)
+    cfg = run_config(data_dir, eval_every=100, ckpt_every=2)
+    with pytest.raises(TrainingError, match="step 5") as ei:
+        train(cfg, tmp_path / "run", progress=False)
+    assert "step-00000004" in str(ei.value)
+    import moelab
+
+    moelab.load(tmp_path / "run" / "checkpoints" / "step-00000004" / "model")   # intact
+
+
+def test_run_config_from_toml_with_overrides_and_errors(data_dir, tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text(Path("configs/tiny.toml").read_text() + f'\n[data]\npath = "{data_dir}"\n[train]\nsteps = 5\n')
+    cfg = load_run_config(toml, ["balance.method=aux_loss", "train.lr=3e-4", "data.seq_len=64"])
+    assert (cfg.balance.method, cfg.train.lr, cfg.data.seq_len) == ("aux_loss", 3e-4, 64)
+    with pytest.raises(ConfigError, match="did you mean 'method'"):
+        load_run_config(toml, ["balance.methd=none"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_run_config(toml, ["steps=3"])
+    with pytest.raises(ConfigError, match="exactly one of train.steps and train.tokens"):
+        load_run_config(toml, ["train.tokens=1000"])
