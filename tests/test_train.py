@@ -266,3 +266,37 @@ def test_run_config_from_toml_with_overrides_and_errors(data_dir, tmp_path):
         load_run_config(toml, ["steps=3"])
     with pytest.raises(ConfigError, match="exactly one of train.steps and train.tokens"):
         load_run_config(toml, ["train.tokens=1000"])
+
+
+def test_sequence_wise_and_device_level_losses_on_hand_computed_routing():
+    from moelab.model.router import Routing
+    from moelab.train.balance import device_balance_loss
+
+    E = 4
+    # two sequences of two tokens; K = 1. Sequence 0 sends both tokens to expert 0, sequence 1 is balanced.
+    scores = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.7, 0.1, 0.1, 0.1], [0.25] * 4, [0.25] * 4])
+    idx = torch.tensor([[0], [0], [1], [2]])
+    r = Routing(indices=idx, weights=torch.ones(4, 1), scores=scores, logits=scores.log(), batch_shape=(2, 2))
+    model = _moe_model()
+    bal = Balancer(model, BalanceConfig(method="aux_loss", aux_kind="sequence", aux_alpha=1.0,
+                                        seq_aux_indicator="routed"))
+    bal.top_k, bal.n_experts = 1, 4
+    # seq 0: f = [4, 0, 0, 0], P = [.7, .1, .1, .1] -> 2.8; seq 1: f = [0, 2, 2, 0], P = .25 each -> 1.0
+    assert float(bal._sequence_loss(r, scores)) == pytest.approx((2.8 + 1.0) / 2)
+    # device level with 2 devices of 2 experts over all 4 tokens: f = [2, 1, 1, 0] -> f' = [1.5, .5];
+    # P = [.475, .175, .175, .175] -> P' = [.65, .35]; loss = 1.5·.65 + .5·.35 = 1.15
+    assert float(device_balance_loss(scores, idx, E, 2)) == pytest.approx(1.15)
+
+
+def test_bias_freezes_after_the_token_budget():
+    model = _moe_model()
+    bal = Balancer(model, BalanceConfig(method="loss_free", bias_update_rate=1e-2, freeze_after_tokens=100))
+    model.train()
+    bias = bal.layers[0].gate.e_score_correction_bias
+    model(torch.randint(0, 320, (2, 16)))
+    bal.step(tokens_seen=64)
+    moved = bias.clone()
+    assert moved.abs().sum() > 0
+    model(torch.randint(0, 320, (2, 16)))
+    bal.step(tokens_seen=128)                                    # past the budget: u = 0 from now on
+    assert torch.equal(bias, moved)

@@ -60,7 +60,6 @@ class TrainConfig(_Section):
     ckpt_every: int = 500
     keep_last: int = 2
     init_from: str | None = None        # start from a checkpoint directory instead of random weights
-    sample_prompt: str = ""             # text sampled at the end of the run (empty: skip)
 
     @model_validator(mode="after")
     def _check(self):

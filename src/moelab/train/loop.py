@@ -11,13 +11,15 @@ sees exactly the batches an uninterrupted one would: with fp32 on the CPU, the l
 resume equal those of a run that never stopped (tested).
 
 Writes into RUN_DIR: ``metrics.jsonl`` (one JSON object per logged step / evaluation), TensorBoard
-events under ``tb/``, checkpoints under ``checkpoints/``, ``expert_load.npy`` and ``report/`` at the end.
+events under ``tb/``, checkpoints under ``checkpoints/``, and at the end ``model/`` (the final model, a
+Hugging Face checkpoint with its tokenizer), ``expert_load.npy`` and ``report/``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -249,7 +251,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
                     now = time.perf_counter()
                     rec = {"step": step, "tokens": tokens, "loss": sum(losses) / len(losses), "aux_loss": step_aux,
                            "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": window_tokens / (now - window_t),
-                           "maxvio_batch": bal.get("maxvio_batch", 0.0)}
+                           "maxvio_batch": bal.get("maxvio_batch", 0.0),
+                           "maxvio_batch_layers": bal.get("maxvio_batch_layers", [])}
                     log.write(rec)
                     emit("log", rec)
                     window_t, window_tokens, losses = now, 0, []
@@ -277,6 +280,12 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
     if status == "finished":
         from moelab.train.report import write_report
 
+        if last_ckpt is not None:  # the final model, where users look for it: RUN_DIR/model
+            tmp = run_dir / ".model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(last_ckpt / "model", tmp)
+            shutil.rmtree(run_dir / "model", ignore_errors=True)
+            tmp.rename(run_dir / "model")
         write_report(run_dir)
     return RunResult(run_dir, step, tokens, status, last_eval, last_ckpt)
 
