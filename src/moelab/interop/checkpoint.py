@@ -311,6 +311,7 @@ def save(model: DeepSeekForCausalLM, path: str | os.PathLike, *, max_shard_size:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _write(model, tmp, _parse_size(max_shard_size), tokenizer)
+        tmp.chmod(0o755)  # mkdtemp makes the directory private; a checkpoint is meant to be shared
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
