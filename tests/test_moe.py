@@ -126,7 +126,7 @@ def per_token_experts(x, idx, gates, experts):
     return out
 
 
-@pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm", "padded_bmm"])
 def test_expert_kernels_match_per_token_loop_with_gradients(impl):
     cfg = make_config(BASE | {"expert_impl": impl})
     experts = RoutedExperts(cfg)

@@ -137,7 +137,7 @@ class ModelConfig(_Strict):
     #: original length ("when_longer").
     yarn_apply: Literal["always", "when_longer"] = "always"
     #: moelab setting: which kernel computes the routed experts (see moelab.model.experts).
-    expert_impl: Literal["loop", "grouped_mm"] = "loop"
+    expert_impl: Literal["loop", "grouped_mm", "padded_bmm"] = "loop"
 
     # ---------------------------------------------------------------------------------------
     @field_validator("q_lora_rank", "num_key_value_heads", "head_dim", "n_group", "topk_group", mode="before")

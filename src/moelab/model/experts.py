@@ -62,9 +62,11 @@ class RoutedExperts(nn.Module):
 
     def compute(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Apply expert e to its ``counts[e]`` consecutive rows of ``x_sorted`` ``[M, H]`` -> ``[M, H]``."""
-        if self.impl == "grouped_mm" and x_sorted.shape[0] > 0:
+        if x_sorted.shape[0] == 0 or self.impl == "loop":
+            return self._loop(x_sorted, counts)
+        if self.impl == "grouped_mm":
             return self._grouped(x_sorted, counts)
-        return self._loop(x_sorted, counts)
+        return self._padded(x_sorted, counts)
 
     def _loop(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         outs = []
@@ -74,6 +76,19 @@ class RoutedExperts(nn.Module):
             gate, up = F.linear(x_e, self.gate_up_proj[e]).chunk(2, dim=-1)
             outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
         return torch.cat(outs) if outs else x_sorted.new_zeros(x_sorted.shape)
+
+    def _padded(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Capacity-padded batched GEMMs: rows scattered into ``[E, C, H]`` (C = busiest expert's count,
+        zero rows elsewhere), two ``bmm`` calls, rows gathered back. Wastes ``E·C − M`` rows of compute."""
+        E, (M, H) = self.n_experts, x_sorted.shape
+        C = int(counts.max())
+        expert_of_row = torch.repeat_interleave(torch.arange(E, device=counts.device), counts)     # [M]
+        starts = torch.cumsum(counts, 0) - counts                                                 # [E]
+        dest = expert_of_row * C + torch.arange(M, device=counts.device) - starts[expert_of_row]  # [M]
+        x_pad = x_sorted.new_zeros(E * C, H).index_copy(0, dest, x_sorted).view(E, C, H)
+        gate, up = torch.bmm(x_pad, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)       # [E, C, I] x2
+        y_pad = torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))                 # [E, C, H]
+        return y_pad.view(E * C, H)[dest]
 
     def _grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts, 0).to(torch.int32)

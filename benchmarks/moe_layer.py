@@ -1,0 +1,150 @@
+"""One DeepSeekMoE layer, forward + backward: moelab's expert kernels vs transformers vs the dense limit.
+
+    python benchmarks/moe_layer.py                    # both shapes, fp32 and bf16
+    python benchmarks/moe_layer.py --shapes small --dtypes float32 --reps 7
+
+Shapes (issue "performance"): 64 routed experts top-6 + 2 shared, 4,096 tokens, hidden/expert width
+256/128 ("small") and 1024/256 ("large"). The peer is transformers' ``DeepseekV3MoE`` with the same
+weights (default ``grouped_mm`` experts path, and ``eager``); the limit is a dense SwiGLU with the same
+active FLOPs (width (6+2)·I). Each variant is warmed up, then timed as the median of ``--reps`` runs.
+Memory is the activation memory kept for backward (bytes of the distinct non-parameter tensors saved by
+autograd), which is what differs between kernels. Ends with one ``RESULT`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from moelab.config import make_config
+from moelab.model.mlp import SwiGLU
+from moelab.model.moe import DeepSeekMoE
+
+SHAPES = {"small": (256, 128), "large": (1024, 256)}
+E, K, SHARED, TOKENS = 64, 6, 2, 4096
+IMPLS = ("loop", "grouped_mm", "padded_bmm")
+
+
+def moelab_layer(H: int, I: int, impl: str) -> DeepSeekMoE:
+    cfg = make_config(dict(vocab_size=8, hidden_size=H, num_hidden_layers=1, num_attention_heads=1,
+                           kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, q_lora_rank=None,
+                           n_routed_experts=E, num_experts_per_tok=K, n_shared_experts=SHARED, moe_intermediate_size=I,
+                           scoring_func="sigmoid", topk_method="noaux_tc", n_group=1, topk_group=1,
+                           norm_topk_prob=True, routed_scaling_factor=2.5, expert_impl=impl))
+    return DeepSeekMoE(cfg, 0)
+
+
+def hf_layer(ours: DeepSeekMoE, H: int, I: int, impl: str):
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    cfg = DeepseekV3Config(hidden_size=H, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+                           n_shared_experts=SHARED, n_group=1, topk_group=1, norm_topk_prob=True,
+                           routed_scaling_factor=2.5, num_hidden_layers=1, num_attention_heads=1)
+    cfg._experts_implementation = impl
+    hf = DeepseekV3MoE(cfg)
+    missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return hf
+
+
+def saved_activation_bytes(fn, params) -> int:
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in param_ptrs:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def time_fwd_bwd(module, x, grad, reps: int) -> float:
+    def once():
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+        module(x).backward(grad)
+
+    for _ in range(2):
+        once()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(shape: str, dtype: torch.dtype, reps: int) -> dict[str, dict]:
+    H, I = SHAPES[shape]
+    torch.manual_seed(0)
+    base = moelab_layer(H, I, "loop")
+    for p in base.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    variants: dict[str, torch.nn.Module] = {"dense SwiGLU (limit)": SwiGLU(H, (K + SHARED) * I)}
+    for impl in IMPLS:
+        m = moelab_layer(H, I, impl)
+        m.load_state_dict(base.state_dict())
+        variants[f"moelab {impl}"] = m
+    for impl in ("grouped_mm", "eager"):
+        variants[f"transformers {impl}"] = hf_layer(base, H, I, impl)
+    x = torch.randn(1, TOKENS, H, dtype=dtype, requires_grad=True)
+    grad = torch.randn(1, TOKENS, H, dtype=dtype)
+    results = {}
+    ref = None
+    for name, mod in variants.items():
+        mod = mod.to(dtype)
+        with torch.no_grad():
+            out = mod(x)
+        if name.startswith(("moelab", "transformers")):
+            ref = out if ref is None else ref
+            diff = float((out.float() - ref.float()).abs().max())
+        else:
+            diff = float("nan")
+        t = time_fwd_bwd(mod, x, grad, reps)
+        mem = saved_activation_bytes(lambda m=mod: m(x), list(mod.parameters()))
+        results[name] = {"ms": t * 1e3, "act_mb": mem / 2**20, "max_diff": diff}
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    summary = {}
+    for shape in args.shapes:
+        for dt in args.dtypes:
+            res = run(shape, getattr(torch, dt), args.reps)
+            dense, hf = res["dense SwiGLU (limit)"], res["transformers grouped_mm"]
+            H, I = SHAPES[shape]
+            print(f"\n## {shape}: hidden {H}, expert width {I}, {E} experts top-{K} + {SHARED} shared, "
+                  f"{TOKENS} tokens, {dt}, {args.threads} threads, median of {args.reps}\n")
+            print("| implementation | fwd+bwd ms | vs dense | speed-up vs transformers grouped_mm | "
+                  "activations MiB | vs dense | max |out diff| vs first MoE |")
+            print("|---|---|---|---|---|---|---|")
+            for name, r in res.items():
+                print(f"| {name} | {r['ms']:.1f} | {r['ms'] / dense['ms']:.2f}x | {hf['ms'] / r['ms']:.2f}x | "
+                      f"{r['act_mb']:.1f} | {r['act_mb'] / dense['act_mb']:.2f}x | {r['max_diff']:.1e} |")
+            best = min((n for n in res if n.startswith("moelab")), key=lambda n: res[n]["ms"])
+            key = f"{shape}_{dt}"
+            summary[f"{key}_best"] = best.split()[1]
+            summary[f"{key}_vs_dense"] = res[best]["ms"] / dense["ms"]
+            summary[f"{key}_speedup_vs_hf"] = hf["ms"] / res[best]["ms"]
+            summary[f"{key}_mem_vs_dense"] = res[best]["act_mb"] / dense["act_mb"]
+    print("\nRESULT " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+
+
+if __name__ == "__main__":
+    main()
