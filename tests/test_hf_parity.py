@@ -71,7 +71,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("attn_impl", ["absorb", "naive"])
+@pytest.mark.parametrize("attn_impl", ["absorb", "naive", "auto"])
 def test_hf_to_moelab_logits(case, attn_impl, tmp_path):
     hf = hf_model(CASES[case]())
     hf.save_pretrained(tmp_path)

@@ -24,6 +24,20 @@ def model_pair(**kw):
     return naive.eval(), absorb.eval()
 
 
+@torch.no_grad()
+def test_auto_uses_both_paths_and_matches():
+    cfg = make_config(MLA)
+    auto = DeepSeekForCausalLM.from_config(cfg, seed=0).eval()
+    naive, _ = model_pair()
+    assert cfg.attn_impl == "auto"
+    ids = torch.randint(0, 97, (2, 12))
+    cache = auto.new_cache()
+    torch.testing.assert_close(auto(ids[:, :8], cache=cache).logits, naive(ids[:, :8]).logits, atol=1e-5, rtol=0)
+    for t in range(8, 12):
+        torch.testing.assert_close(auto(ids[:, t:t + 1], cache=cache).logits[:, 0], naive(ids[:, :t + 1]).logits[:, -1],
+                                   atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("kw", [{}, {"q_lora_rank": None},
                                 {"rope_scaling": {"factor": 8.0, "original_max_position_embeddings": 64,
                                                   "mscale": 0.707, "mscale_all_dim": 0.707}}])

@@ -130,8 +130,9 @@ class ModelConfig(_Strict):
     rope_scaling: RopeScaling | None = None
     #: Checkpoints rotate interleaved pairs (x0,x1),(x2,x3)...; False rotates halves (Llama style).
     rope_interleave: bool = True
-    #: moelab setting: "naive" materialises per-head K/V, "absorb" attends against the latent.
-    attn_impl: Literal["absorb", "naive"] = "absorb"
+    #: moelab setting: "naive" materialises per-head K/V, "absorb" attends against the latent,
+    #: "auto" uses naive for multi-token forwards (training, prefill) and absorb for decode steps.
+    attn_impl: Literal["auto", "absorb", "naive"] = "auto"
     #: moelab setting, [UNCERTAIN] in the sources: HF and hub code apply YaRN whenever it is
     #: configured ("always"); the reference code only when max_position_embeddings exceeds the
     #: original length ("when_longer").

@@ -1,19 +1,29 @@
 """Routed experts behind one small interface: permute -> expert compute -> unpermute.
 
-Legend: N tokens, H hidden, I expert width, E experts, K experts per token, M = N·K routed rows.
+Legend: N tokens, H hidden, I expert width, E experts, K experts per token, M = N·K routed rows,
+S slots (S = M packed, or S = E·C with a capacity C per expert when padded).
 
-    order, counts = permute(indices, E)      # stable sort of the N·K (token, slot) pairs by expert
-    x_MH          = x_NH[order // K]         # rows grouped by expert
-    y_MH          = compute(x_MH, counts)    # any kernel: a per-expert loop, grouped GEMM, ...
-    y_NH          = unpermute(y_MH, order, gates)   # gate in fp32, deterministic index_add
+    plan  = permute(indices, gates, E)     # which token fills each slot, its gate, rows per expert
+    x_SH  = dispatch(x_NH, plan)           # gather the tokens into slots, grouped by expert
+    y_SH  = compute(x_SH, plan)            # any kernel: per-expert loop, grouped GEMM, padded bmm, ...
+    y_NH  = unpermute(y_SH, plan, N)       # gate in fp32, deterministic index_add back to tokens
 
-Expert parallelism puts an all-to-all around ``compute``; a faster kernel replaces ``compute``;
-neither touches the router or the block. Weights live stacked for speed — ``gate_up_proj``
-``[E, 2I, H]`` (gate rows first) and ``down_proj`` ``[E, H, I]`` — and are split into the per-expert
-Hugging Face tensors ``mlp.experts.{e}.{gate,up,down}_proj.weight`` at the checkpoint boundary.
+Expert parallelism puts an all-to-all around ``compute`` (gates never leave the token's rank); a faster
+kernel replaces ``compute``; neither touches the router or the block. Weights live stacked for speed —
+``gate_up_proj`` ``[E, 2I, H]`` (gate rows first) and ``down_proj`` ``[E, H, I]`` — and are split into the
+per-expert Hugging Face tensors ``mlp.experts.{e}.{gate,up,down}_proj.weight`` at the checkpoint boundary.
+
+Kernels (``expert_impl``):
+
+* ``loop`` — one pair of GEMMs per expert over its packed rows: the reference.
+* ``grouped_mm`` — ``torch.nn.functional.grouped_mm`` over the packed rows (one call per projection).
+* ``padded_bmm`` — slots padded to the busiest expert's count C, two ``torch.bmm`` calls over
+  ``[E, C, ·]``; padding slots read a zero row and are dropped on the way back. Wastes ``E·C − M`` rows.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,21 +32,50 @@ from torch import nn
 from moelab.config import ModelConfig
 
 
-def permute(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort routed rows by expert. indices ``[N, K]`` -> (order ``[M]`` into the flat ``N·K`` slots,
-    counts ``[E]`` rows per expert)."""
+@dataclass
+class Plan:
+    """Where each routed (token, expert) pair goes."""
+
+    token: torch.Tensor        # [S] int64 source token of each slot (N marks a padding slot)
+    gate: torch.Tensor         # [S] fp32 gate of each slot (0 for padding)
+    counts: torch.Tensor       # [E] int64 routed rows per expert
+    capacity: int | None       # C when slots are padded to [E, C], None when packed (S = M)
+
+
+def permute(indices: torch.Tensor, gates: torch.Tensor, n_experts: int, padded: bool = False) -> Plan:
+    """Group the N·K routed pairs by expert (stable, so the order is deterministic).
+
+    indices, gates ``[N, K]`` -> :class:`Plan` with packed slots (``S = N·K``) or, if ``padded``,
+    ``S = E·C`` slots with ``C = max(counts)``.
+    """
+    N, K = indices.shape
     flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    order = torch.argsort(flat, stable=True)                                    # [M]
     counts = torch.bincount(flat, minlength=n_experts)
-    return order, counts
+    token, gate = order // K, gates.reshape(-1)[order].to(torch.float32)
+    if not padded:
+        return Plan(token, gate, counts, None)
+    C = int(counts.max())
+    expert = flat[order]                                                        # [M] sorted expert ids
+    slot = expert * C + torch.arange(flat.numel(), device=flat.device) - (torch.cumsum(counts, 0) - counts)[expert]
+    token_s = torch.full((n_experts * C,), N, dtype=torch.long, device=flat.device).index_copy_(0, slot, token)
+    gate_s = torch.zeros(n_experts * C, dtype=torch.float32, device=flat.device).index_copy_(0, slot, gate)
+    return Plan(token_s, gate_s, counts, C)
 
 
-def unpermute(y: torch.Tensor, order: torch.Tensor, gates: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """Weight each expert output ``y`` ``[M, H]`` by its gate (fp32) and sum back into ``[N, H]``."""
-    K = gates.shape[1]
-    weighted = (y.to(torch.float32) * gates.reshape(-1)[order, None]).to(y.dtype)
-    out = y.new_zeros(n_tokens, y.shape[1])
-    return out.index_add_(0, order // K, weighted)
+def dispatch(x: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """Gather tokens ``[N, H]`` into slots ``[S, H]`` (padding slots read a zero row)."""
+    if plan.capacity is not None:
+        x = torch.cat((x, x.new_zeros(1, x.shape[1])))
+    return torch.index_select(x, 0, plan.token)
+
+
+def unpermute(y: torch.Tensor, plan: Plan, n_tokens: int) -> torch.Tensor:
+    """Weight each slot's output ``y`` ``[S, H]`` by its gate (in fp32) and sum back into ``[N, H]``."""
+    weighted = (y.to(torch.float32) * plan.gate[:, None]).to(y.dtype)
+    rows = n_tokens + (plan.capacity is not None)                               # + the padding row
+    out = y.new_zeros(rows, y.shape[1]).index_add_(0, plan.token, weighted)
+    return out[:n_tokens]
 
 
 class RoutedExperts(nn.Module):
@@ -55,18 +94,17 @@ class RoutedExperts(nn.Module):
         nn.init.normal_(self.down_proj, std=std)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        order, counts = permute(indices, self.n_experts)
-        x_sorted = x[order // indices.shape[1]]                     # [M, H]
-        y_sorted = self.compute(x_sorted, counts)                   # [M, H]
-        return unpermute(y_sorted, order, gates, x.shape[0])
+        plan = permute(indices, gates, self.n_experts, padded=self.impl == "padded_bmm")
+        y = self.compute(dispatch(x, plan), plan)
+        return unpermute(y, plan, x.shape[0])
 
-    def compute(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Apply expert e to its ``counts[e]`` consecutive rows of ``x_sorted`` ``[M, H]`` -> ``[M, H]``."""
-        if x_sorted.shape[0] == 0 or self.impl == "loop":
-            return self._loop(x_sorted, counts)
-        if self.impl == "grouped_mm":
-            return self._grouped(x_sorted, counts)
-        return self._padded(x_sorted, counts)
+    def compute(self, x_slots: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """Apply each expert to its slots: ``[S, H]`` -> ``[S, H]``."""
+        if plan.capacity is not None:
+            return self._padded(x_slots, plan.capacity)
+        if self.impl == "grouped_mm" and x_slots.shape[0] > 0:
+            return self._grouped(x_slots, plan.counts)
+        return self._loop(x_slots, plan.counts)
 
     def _loop(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         outs = []
@@ -77,21 +115,47 @@ class RoutedExperts(nn.Module):
             outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
         return torch.cat(outs) if outs else x_sorted.new_zeros(x_sorted.shape)
 
-    def _padded(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Capacity-padded batched GEMMs: rows scattered into ``[E, C, H]`` (C = busiest expert's count,
-        zero rows elsewhere), two ``bmm`` calls, rows gathered back. Wastes ``E·C − M`` rows of compute."""
-        E, (M, H) = self.n_experts, x_sorted.shape
-        C = int(counts.max())
-        expert_of_row = torch.repeat_interleave(torch.arange(E, device=counts.device), counts)     # [M]
-        starts = torch.cumsum(counts, 0) - counts                                                 # [E]
-        dest = expert_of_row * C + torch.arange(M, device=counts.device) - starts[expert_of_row]  # [M]
-        x_pad = x_sorted.new_zeros(E * C, H).index_copy(0, dest, x_sorted).view(E, C, H)
-        gate, up = torch.bmm(x_pad, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)       # [E, C, I] x2
-        y_pad = torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))                 # [E, C, H]
-        return y_pad.view(E * C, H)[dest]
-
     def _grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts, 0).to(torch.int32)
         h = F.grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs=offs)   # [M, 2I]
         gate, up = h.chunk(2, dim=-1)
         return F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
+
+    def _padded(self, x_slots: torch.Tensor, C: int) -> torch.Tensor:
+        E, H = self.n_experts, x_slots.shape[1]
+        y = PaddedSwiGLU.apply(x_slots.view(E, C, H), self.gate_up_proj, self.down_proj)
+        return y.view(E * C, H)
+
+
+class PaddedSwiGLU(torch.autograd.Function):
+    """E SwiGLU experts over padded slots with a hand-written backward.
+
+    forward(x ``[E, C, H]``, w_gate_up ``[E, 2I, H]``, w_down ``[E, H, I]``) -> ``[E, C, H]``.
+    Saves only x and the gate/up pre-activations h ``[E, C, 2I]`` (autograd would also keep silu(g),
+    u and their product) and writes the gradient of h into one buffer (no chunk/cat round trip).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_gu, w_down):
+        h = torch.bmm(x, w_gu.transpose(1, 2))                                   # [E, C, 2I]
+        g, u = h.chunk(2, dim=-1)
+        y = torch.bmm(F.silu(g) * u, w_down.transpose(1, 2))                     # [E, C, H]
+        ctx.save_for_backward(x, h, w_gu, w_down)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h, w_gu, w_down = ctx.saved_tensors
+        I = h.shape[-1] // 2
+        g, u = h[..., :I], h[..., I:]
+        sig = torch.sigmoid(g)
+        silu = g * sig
+        dy = dy.contiguous()
+        da = torch.bmm(dy, w_down)                                                # [E, C, I]
+        d_down = torch.bmm(dy.transpose(1, 2), silu * u)                          # [E, H, I]
+        dh = torch.empty_like(h)
+        torch.mul(da * u, sig * (1 + g * (1 - sig)), out=dh[..., :I])             # d silu(g) / dg
+        torch.mul(da, silu, out=dh[..., I:])
+        d_gu = torch.bmm(dh.transpose(1, 2), x)                                   # [E, 2I, H]
+        dx = torch.bmm(dh, w_gu)                                                  # [E, C, H]
+        return dx, d_gu, d_down

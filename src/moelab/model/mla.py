@@ -13,6 +13,8 @@ Two equal ways to attend (``attn_impl``):
 * ``naive``: expand ``c_KV`` into per-head keys and values (``N·(P+R)`` and ``N·V`` per token).
 * ``absorb``: fold ``W_UK`` into the query and ``W_UV`` into the output, and attend against the
   cached latent directly: ``score = (W_UKᵀ q_nope)·c_KV + q_pe·k_pe``; ``o_n = W_UV_n Σ p c_KV``.
+* ``auto`` (default): naive for multi-token forwards (training, prefill: scores cost ``P+R`` per
+  head instead of ``C+R``), absorbed for one-token decode steps (no re-expansion of the prefix).
 
 Either way the cache holds only ``c_KV`` and the rotated ``k_pe`` (C + R values per token).
 """
@@ -73,7 +75,7 @@ class MultiHeadLatentAttention(nn.Module):
         if cache is not None:
             c_kv, k_pe = cache.update(self.layer_idx, c_kv, k_pe)               # [B, S, C], [B, S, R]
 
-        if self.impl == "naive":
+        if self.impl == "naive" or (self.impl == "auto" and T > 1):
             out = self._naive(q_nope, q_pe, c_kv, k_pe, mask)
         else:
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
