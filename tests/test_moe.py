@@ -215,3 +215,28 @@ def test_router_weight_and_logits_stay_fp32_under_bf16():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randint(0, 64, (1, 6)))
     assert seen[0].logits.dtype == torch.float32
+
+
+def test_padded_swiglu_backward_passes_gradcheck():
+    from moelab.model.experts import PaddedSwiGLU
+
+    x = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    w_gu = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)
+    w_d = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(PaddedSwiGLU.apply, (x, w_gu, w_d))
+
+
+def test_expert_kernels_agree_in_bf16():
+    cfg = make_config(BASE)
+    ref = RoutedExperts(cfg)
+    ref.reset_parameters(0.3)
+    x = torch.randn(64, 32)
+    idx = torch.stack([torch.randperm(16)[:4] for _ in range(64)])
+    gates = torch.rand(64, 4)
+    want = ref(x, idx, gates)
+    for impl in ("grouped_mm", "padded_bmm"):
+        m = RoutedExperts(make_config(BASE | {"expert_impl": impl}))
+        m.load_state_dict(ref.state_dict())
+        got = m.to(torch.bfloat16)(x.bfloat16(), idx, gates)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
