@@ -256,10 +256,15 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(data_dir, t
 
 
 def test_run_config_from_toml_with_overrides_and_errors(data_dir, tmp_path):
-    toml = tmp_path / "c.toml"
-    toml.write_text(Path("configs/tiny.toml").read_text() + f'\n[data]\npath = "{data_dir}"\n[train]\nsteps = 5\n')
-    cfg = load_run_config(toml, ["balance.method=aux_loss", "train.lr=3e-4", "data.seq_len=64"])
-    assert (cfg.balance.method, cfg.train.lr, cfg.data.seq_len) == ("aux_loss", 3e-4, 64)
+    toml = Path("configs/tiny.toml")
+    cfg = load_run_config(toml, ["balance.method=aux_loss", "train.lr=3e-4", "data.seq_len=64",
+                                 f'data.path="{data_dir}"', "train.steps=5"])
+    assert (cfg.balance.method, cfg.train.lr, cfg.data.seq_len, cfg.train.steps) == ("aux_loss", 3e-4, 64, 5)
+    assert cfg.data.path == str(data_dir)
+    bare = tmp_path / "model_only.toml"
+    bare.write_text("[model]\nvocab_size = 320\n")
+    with pytest.raises(ConfigError, match=r"no \[train\] section"):
+        load_run_config(bare)
     with pytest.raises(ConfigError, match="did you mean 'method'"):
         load_run_config(toml, ["balance.methd=none"])
     with pytest.raises(ConfigError, match="section.key=value"):
