@@ -25,7 +25,7 @@ from moelab.model.moe import DeepSeekMoE
 
 SHAPES = {"small": (256, 128), "large": (1024, 256)}
 E, K, SHARED, TOKENS = 64, 6, 2, 4096
-IMPLS = ("loop", "grouped_mm", "padded_bmm")
+IMPLS = ("loop", "grouped_mm", "padded_bmm", "fused")
 
 
 def moelab_layer(H: int, I: int, impl: str) -> DeepSeekMoE:

@@ -126,7 +126,7 @@ def per_token_experts(x, idx, gates, experts):
     return out
 
 
-@pytest.mark.parametrize("impl", ["loop", "grouped_mm", "padded_bmm"])
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm", "padded_bmm", "fused"])
 def test_expert_kernels_match_per_token_loop_with_gradients(impl):
     cfg = make_config(BASE | {"expert_impl": impl})
     experts = RoutedExperts(cfg)
@@ -234,7 +234,7 @@ def test_expert_kernels_agree_in_bf16():
     idx = torch.stack([torch.randperm(16)[:4] for _ in range(64)])
     gates = torch.rand(64, 4)
     want = ref(x, idx, gates)
-    for impl in ("grouped_mm", "padded_bmm"):
+    for impl in ("grouped_mm", "padded_bmm", "fused"):
         m = RoutedExperts(make_config(BASE | {"expert_impl": impl}))
         m.load_state_dict(ref.state_dict())
         got = m.to(torch.bfloat16)(x.bfloat16(), idx, gates)

@@ -19,6 +19,10 @@ Kernels (``expert_impl``):
 * ``grouped_mm`` — ``torch.nn.functional.grouped_mm`` over the packed rows (one call per projection).
 * ``padded_bmm`` — slots padded to the busiest expert's count C, two ``torch.bmm`` calls over
   ``[E, C, ·]``; padding slots read a zero row and are dropped on the way back. Wastes ``E·C − M`` rows.
+* ``fused`` — dispatch, both grouped GEMMs, the gate and the combine in one autograd function
+  (:class:`FusedGroupedExperts`) that keeps only the gate/up pre-activations for backward and
+  recomputes the rest: the fastest and leanest on one device. It owns the whole permute → compute →
+  unpermute sequence, so expert parallelism uses the modular kernels above.
 """
 
 from __future__ import annotations
@@ -94,7 +98,12 @@ class RoutedExperts(nn.Module):
         nn.init.normal_(self.down_proj, std=std)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        plan = permute(indices, gates, self.n_experts, padded=self.impl == "padded_bmm")
+        if self.impl == "fused" and _grouped_mm_ok(x, self.inner):
+            plan = permute(indices, gates, self.n_experts)
+            offs = torch.cumsum(plan.counts, 0).to(torch.int32)
+            return FusedGroupedExperts.apply(x, plan.token, plan.gate, offs, self.gate_up_proj, self.down_proj)
+        padded = self.impl == "padded_bmm" or (self.impl == "fused" and x.is_cuda)
+        plan = permute(indices, gates, self.n_experts, padded=padded)
         y = self.compute(dispatch(x, plan), plan)
         return unpermute(y, plan, x.shape[0])
 
@@ -102,7 +111,7 @@ class RoutedExperts(nn.Module):
         """Apply each expert to its slots: ``[S, H]`` -> ``[S, H]``."""
         if plan.capacity is not None:
             return self._padded(x_slots, plan.capacity)
-        if self.impl == "grouped_mm" and x_slots.shape[0] > 0:
+        if self.impl in ("grouped_mm", "fused") and x_slots.shape[0] > 0 and _grouped_mm_ok(x_slots, self.inner):
             return self._grouped(x_slots, plan.counts)
         return self._loop(x_slots, plan.counts)
 
@@ -159,3 +168,59 @@ class PaddedSwiGLU(torch.autograd.Function):
         d_gu = torch.bmm(dh.transpose(1, 2), x)                                   # [E, 2I, H]
         dx = torch.bmm(dh, w_gu)                                                  # [E, C, H]
         return dx, d_gu, d_down
+
+
+def _grouped_mm_ok(x: torch.Tensor, inner: int) -> bool:
+    """Whether ``grouped_mm`` takes these operands: row strides must be multiples of 16 bytes, and on
+    CUDA only bf16 is supported. Otherwise the modular kernels run (loop; padded bmm under ``fused``)."""
+    if x.is_cuda and x.dtype != torch.bfloat16:
+        return False
+    return x.shape[0] > 0 and (x.shape[1] * x.element_size()) % 16 == 0 and (inner * x.element_size()) % 16 == 0
+
+
+class FusedGroupedExperts(torch.autograd.Function):
+    """The routed experts of one layer in a single autograd node.
+
+    forward(x ``[N, H]``, token ``[M]`` (slots sorted by expert), gate ``[M]`` fp32, offs ``[E]`` int32
+    (cumulative rows per expert), w_gate_up ``[E, 2I, H]``, w_down ``[E, H, I]``) -> ``[N, H]``::
+
+        x_s = x[token];  h = x_s·W_guᵀ;  a = silu(g)·u·gate;  y_s = a·W_downᵀ;  out = Σ_slots→token y_s
+
+    The gate scales the ``[M, I]`` activations (fp32 product) instead of the ``[M, H]`` outputs — the
+    same function, half the traffic. Backward keeps only ``h`` (and x, which the router keeps anyway)
+    and recomputes the gather and the activations.
+    """
+
+    @staticmethod
+    def forward(ctx, x, token, gate, offs, w_gu, w_down):
+        x_s = x.index_select(0, token)                                              # [M, H]
+        h = F.grouped_mm(x_s, w_gu.transpose(1, 2), offs=offs)                      # [M, 2I]
+        I = h.shape[1] // 2
+        a = F.silu(h[:, :I]) * h[:, I:]
+        a_g = (a.to(torch.float32) * gate[:, None]).to(a.dtype)
+        y_s = F.grouped_mm(a_g, w_down.transpose(1, 2), offs=offs)                  # [M, H]
+        ctx.save_for_backward(x, token, gate, offs, w_gu, w_down, h)
+        return x.new_zeros(x.shape).index_add_(0, token, y_s)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        x, token, gate, offs, w_gu, w_down, h = ctx.saved_tensors
+        I = h.shape[1] // 2
+        g, u = h[:, :I], h[:, I:]
+        sig = torch.sigmoid(g)
+        silu = g * sig
+        a = silu * u                                                                # [M, I]
+        dy_s = d_out.contiguous().index_select(0, token)                            # [M, H]
+        da_g = F.grouped_mm(dy_s, w_down, offs=offs)                                # [M, I]
+        a_g = (a.to(torch.float32) * gate[:, None]).to(a.dtype)
+        d_down = F.grouped_mm(dy_s.t(), a_g, offs=offs)                             # [E, H, I]
+        d_gate = (da_g.to(torch.float32) * a.to(torch.float32)).sum(dim=1)          # [M]
+        da = (da_g.to(torch.float32) * gate[:, None]).to(h.dtype)
+        dh = torch.empty_like(h)
+        torch.mul(da * u, sig * (1 + g * (1 - sig)), out=dh[:, :I])                 # d silu(g)/dg
+        torch.mul(da, silu, out=dh[:, I:])
+        x_s = x.index_select(0, token)
+        d_gu = F.grouped_mm(dh.t(), x_s, offs=offs)                                 # [E, 2I, H]
+        dx_s = F.grouped_mm(dh, w_gu, offs=offs)                                    # [M, H]
+        dx = x.new_zeros(x.shape).index_add_(0, token, dx_s)
+        return dx, None, d_gate, None, d_gu, d_down
