@@ -5,7 +5,8 @@
 
 One Hugging Face checkpoint (the demo architecture with an 8K context, random weights) is loaded by
 both. For each (batch, context) the prompt is prefilled (moelab: in chunks of ``--chunk``) and
-``--new`` tokens are generated greedily; decode tokens/s = batch·(new − 1) / (time(new) − time(1)),
+``--new`` tokens are generated greedily; every generated token is timestamped (a transformers
+streamer, moelab's ``on_token``), and decode tokens/s = batch·(new − 1) / (last − first token time),
 so prefill is not counted. Median of ``--reps``. Prints the cache bytes per token next to the MHA
 equivalent, and ends with one ``RESULT`` line.
 """
@@ -26,14 +27,37 @@ from moelab.model.accounting import model_budget
 from moelab.model.transformer import DeepSeekForCausalLM
 
 
-def timed(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+class Clock:
+    """Timestamps every generated token; works as a transformers streamer and as moelab's on_token."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value):                       # transformers: the prompt first, then each new token
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+
+    def __call__(self, token):                  # moelab's on_token
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+    def decode_seconds(self) -> float:
+        """Time from the first generated token to the last: decode steps only, no prefill."""
+        return self.times[-1] - self.times[0]
+
+
+def decode_rate(run, batch: int, new: int, reps: int) -> float:
+    rates = []
+    for _ in range(reps + 1):                   # the first run warms up
+        clock = Clock()
+        run(clock)
+        rates.append(batch * (new - 1) / clock.decode_seconds())
+    return statistics.median(rates[1:])
 
 
 def main() -> None:
@@ -67,19 +91,17 @@ def main() -> None:
         for ctx in args.contexts:
             ids = torch.randint(2, cfg.vocab_size, (B, ctx))
 
-            def ours_run(n, ids=ids):
-                return generate(ours, ids, n, greedy, eos_token_id=None, prefill_chunk=args.chunk)
+            def ours_run(clock, n=args.new, ids=ids):
+                return generate(ours, ids, n, greedy, eos_token_id=None, prefill_chunk=args.chunk, on_token=clock)
 
-            def hf_run(n, ids=ids):
+            def hf_run(clock, n=args.new, ids=ids):
                 with torch.inference_mode():
                     return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                       eos_token_id=None, pad_token_id=0)
+                                       eos_token_id=None, pad_token_id=0, streamer=clock)
 
-            same = torch.equal(ours_run(4), hf_run(4))
-            t1, tn = timed(lambda: ours_run(1), args.reps), timed(lambda: ours_run(args.new), args.reps)
-            h1, hn = timed(lambda: hf_run(1), args.reps), timed(lambda: hf_run(args.new), args.reps)
-            ours_tps = B * (args.new - 1) / max(tn - t1, 1e-9)
-            hf_tps = B * (args.new - 1) / max(hn - h1, 1e-9)
+            same = torch.equal(ours_run(Clock(), 4), hf_run(Clock(), 4))
+            ours_tps = decode_rate(ours_run, B, args.new, args.reps)
+            hf_tps = decode_rate(hf_run, B, args.new, args.reps)
             print(f"| {B} | {ctx} | {ours_tps:,.1f} | {hf_tps:,.1f} | {ours_tps / hf_tps:.2f}x | {'yes' if same else 'no'} |",
                   flush=True)
             summary[f"b{B}_ctx{ctx}_ratio"] = ours_tps / hf_tps

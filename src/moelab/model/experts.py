@@ -98,6 +98,10 @@ class RoutedExperts(nn.Module):
         nn.init.normal_(self.down_proj, std=std)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        if indices.numel() < self.n_experts and not torch.is_grad_enabled():
+            # decoding a few tokens: visit only the experts that got one (grouped kernels visit all E)
+            plan = permute(indices, gates, self.n_experts)
+            return unpermute(self._loop(dispatch(x, plan), plan.counts), plan, x.shape[0])
         if self.impl == "fused" and _grouped_mm_ok(x, self.inner):
             plan = permute(indices, gates, self.n_experts)
             offs = torch.cumsum(plan.counts, 0).to(torch.int32)
