@@ -25,7 +25,7 @@ from moelab.model.moe import DeepSeekMoE
 
 SHAPES = {"small": (256, 128), "large": (1024, 256)}
 E, K, SHARED, TOKENS = 64, 6, 2, 4096
-IMPLS = ("loop", "grouped_mm", "padded_bmm", "fused")
+IMPLS = ("loop", "grouped_mm", "padded_bmm", "fused", "fused+compile")
 
 
 def moelab_layer(H: int, I: int, impl: str) -> DeepSeekMoE:
@@ -33,7 +33,8 @@ def moelab_layer(H: int, I: int, impl: str) -> DeepSeekMoE:
                            kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, q_lora_rank=None,
                            n_routed_experts=E, num_experts_per_tok=K, n_shared_experts=SHARED, moe_intermediate_size=I,
                            scoring_func="sigmoid", topk_method="noaux_tc", n_group=1, topk_group=1,
-                           norm_topk_prob=True, routed_scaling_factor=2.5, expert_impl=impl))
+                           norm_topk_prob=True, routed_scaling_factor=2.5, expert_impl=impl.split("+")[0],
+                           compile_experts=impl.endswith("+compile")))
     return DeepSeekMoE(cfg, 0)
 
 

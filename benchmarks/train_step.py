@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile-experts", action="store_true",
+                    help="torch.compile the expert activation math (compile time is spent in the warm-up steps)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
@@ -74,7 +76,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name in args.configs:
         path, overrides = CONFIGS[name]
-        cfg = load_model_config(path).model_copy(update=overrides)
+        cfg = load_model_config(path).model_copy(update=overrides | {"compile_experts": args.compile_experts})
         cfg = type(cfg)(**cfg.model_dump())
         with tempfile.TemporaryDirectory() as tmp:
             moelab.save(DeepSeekForCausalLM.from_config(cfg, seed=0), tmp)

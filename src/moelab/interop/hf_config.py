@@ -128,7 +128,7 @@ def _rope_from_hf(raw: dict[str, Any], values: dict[str, Any]) -> tuple[float, d
 
 def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
     """The ``config.json`` dict transformers v5 would write for this model (plus hub routing fields)."""
-    d = cfg.model_dump(exclude={"rope_scaling", "rope_theta", "attn_impl", "yarn_apply", "expert_impl",
+    d = cfg.model_dump(exclude={"rope_scaling", "rope_theta", "attn_impl", "yarn_apply", "expert_impl", "compile_experts",
                                 "scale_only_if_unnormalized", "head_dim", "num_key_value_heads"})
     rope: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
     if cfg.rope_scaling is not None:

@@ -90,6 +90,7 @@ class RoutedExperts(nn.Module):
         E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.n_experts, self.inner = E, I
         self.impl = cfg.expert_impl
+        self.compile = cfg.compile_experts
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
@@ -105,7 +106,8 @@ class RoutedExperts(nn.Module):
         if self.impl == "fused" and _grouped_mm_ok(x, self.inner):
             plan = permute(indices, gates, self.n_experts)
             offs = torch.cumsum(plan.counts, 0).to(torch.int32)
-            return FusedGroupedExperts.apply(x, plan.token, plan.gate, offs, self.gate_up_proj, self.down_proj)
+            return FusedGroupedExperts.apply(x, plan.token, plan.gate, offs, self.gate_up_proj, self.down_proj,
+                                             self.compile)
         padded = self.impl == "padded_bmm" or (self.impl == "fused" and x.is_cuda)
         plan = permute(indices, gates, self.n_experts, padded=padded)
         y = self.compute(dispatch(x, plan), plan)
@@ -182,49 +184,75 @@ def _grouped_mm_ok(x: torch.Tensor, inner: int) -> bool:
     return x.shape[0] > 0 and (x.shape[1] * x.element_size()) % 16 == 0 and (inner * x.element_size()) % 16 == 0
 
 
+def _act_forward(h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """Gated SwiGLU activation: h ``[M, 2I]`` = [g | u], gate ``[M]`` fp32 -> ``silu(g)·u·gate`` ``[M, I]``."""
+    I = h.shape[1] // 2
+    a = F.silu(h[:, :I]) * h[:, I:]
+    return (a.to(torch.float32) * gate[:, None]).to(h.dtype)
+
+
+def _act_backward(h: torch.Tensor, gate: torch.Tensor, da_g: torch.Tensor):
+    """Gradients of :func:`_act_forward`: returns (dh ``[M, 2I]``, d_gate ``[M]`` fp32, the activation
+    ``[M, I]`` recomputed for the down-projection's weight gradient)."""
+    I = h.shape[1] // 2
+    g, u = h[:, :I], h[:, I:]
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    a = silu * u
+    a_g = (a.to(torch.float32) * gate[:, None]).to(h.dtype)
+    d_gate = (da_g.to(torch.float32) * a.to(torch.float32)).sum(dim=1)
+    da = (da_g.to(torch.float32) * gate[:, None]).to(h.dtype)
+    dh = torch.cat((da * u * (sig * (1 + g * (1 - sig))), da * silu), dim=1)   # d silu(g)/dg, d/du
+    return dh, d_gate, a_g
+
+
+_compiled: dict[str, object] = {}
+
+
+def _elementwise(name: str, compiled: bool):
+    """The eager activation function, or its ``torch.compile`` version (fused into one loop per pass)."""
+    fn = {"forward": _act_forward, "backward": _act_backward}[name]
+    if not compiled:
+        return fn
+    if name not in _compiled:
+        _compiled[name] = torch.compile(fn, dynamic=None)
+    return _compiled[name]
+
+
 class FusedGroupedExperts(torch.autograd.Function):
     """The routed experts of one layer in a single autograd node.
 
     forward(x ``[N, H]``, token ``[M]`` (slots sorted by expert), gate ``[M]`` fp32, offs ``[E]`` int32
-    (cumulative rows per expert), w_gate_up ``[E, 2I, H]``, w_down ``[E, H, I]``) -> ``[N, H]``::
+    (cumulative rows per expert), w_gate_up ``[E, 2I, H]``, w_down ``[E, H, I]``, compiled: bool)
+    -> ``[N, H]``::
 
         x_s = x[token];  h = x_s·W_guᵀ;  a = silu(g)·u·gate;  y_s = a·W_downᵀ;  out = Σ_slots→token y_s
 
     The gate scales the ``[M, I]`` activations (fp32 product) instead of the ``[M, H]`` outputs — the
     same function, half the traffic. Backward keeps only ``h`` (and x, which the router keeps anyway)
-    and recomputes the gather and the activations.
+    and recomputes the gather and the activations. With ``compiled`` the elementwise activation math
+    runs through ``torch.compile`` (``compile_experts`` setting).
     """
 
     @staticmethod
-    def forward(ctx, x, token, gate, offs, w_gu, w_down):
+    def forward(ctx, x, token, gate, offs, w_gu, w_down, compiled=False):
         x_s = x.index_select(0, token)                                              # [M, H]
         h = F.grouped_mm(x_s, w_gu.transpose(1, 2), offs=offs)                      # [M, 2I]
-        I = h.shape[1] // 2
-        a = F.silu(h[:, :I]) * h[:, I:]
-        a_g = (a.to(torch.float32) * gate[:, None]).to(a.dtype)
+        a_g = _elementwise("forward", compiled)(h, gate)                            # [M, I]
         y_s = F.grouped_mm(a_g, w_down.transpose(1, 2), offs=offs)                  # [M, H]
         ctx.save_for_backward(x, token, gate, offs, w_gu, w_down, h)
+        ctx.compiled = compiled
         return x.new_zeros(x.shape).index_add_(0, token, y_s)
 
     @staticmethod
     def backward(ctx, d_out):
         x, token, gate, offs, w_gu, w_down, h = ctx.saved_tensors
-        I = h.shape[1] // 2
-        g, u = h[:, :I], h[:, I:]
-        sig = torch.sigmoid(g)
-        silu = g * sig
-        a = silu * u                                                                # [M, I]
         dy_s = d_out.contiguous().index_select(0, token)                            # [M, H]
         da_g = F.grouped_mm(dy_s, w_down, offs=offs)                                # [M, I]
-        a_g = (a.to(torch.float32) * gate[:, None]).to(a.dtype)
+        dh, d_gate, a_g = _elementwise("backward", ctx.compiled)(h, gate, da_g)
         d_down = F.grouped_mm(dy_s.t(), a_g, offs=offs)                             # [E, H, I]
-        d_gate = (da_g.to(torch.float32) * a.to(torch.float32)).sum(dim=1)          # [M]
-        da = (da_g.to(torch.float32) * gate[:, None]).to(h.dtype)
-        dh = torch.empty_like(h)
-        torch.mul(da * u, sig * (1 + g * (1 - sig)), out=dh[:, :I])                 # d silu(g)/dg
-        torch.mul(da, silu, out=dh[:, I:])
         x_s = x.index_select(0, token)
         d_gu = F.grouped_mm(dh.t(), x_s, offs=offs)                                 # [E, 2I, H]
         dx_s = F.grouped_mm(dh, w_gu, offs=offs)                                    # [M, H]
         dx = x.new_zeros(x.shape).index_add_(0, token, dx_s)
-        return dx, None, d_gate, None, d_gu, d_down
+        return dx, None, d_gate, None, d_gu, d_down, None
