@@ -6,7 +6,8 @@
 Shapes (issue "performance"): 64 routed experts top-6 + 2 shared, 4,096 tokens, hidden/expert width
 256/128 ("small") and 1024/256 ("large"). The peer is transformers' ``DeepseekV3MoE`` with the same
 weights (default ``grouped_mm`` experts path, and ``eager``); the limit is a dense SwiGLU with the same
-active FLOPs (width (6+2)·I). Each variant is warmed up, then timed as the median of ``--reps`` runs.
+active FLOPs (width (6+2)·I). Each variant is warmed up, then timed as the median of ``--reps`` runs,
+the repetitions interleaved across variants.
 Memory is the activation memory kept for backward (bytes of the distinct non-parameter tensors saved by
 autograd), which is what differs between kernels. Ends with one ``RESULT`` line.
 """
@@ -68,20 +69,25 @@ def saved_activation_bytes(fn, params) -> int:
     return sum(seen.values())
 
 
-def time_fwd_bwd(module, x, grad, reps: int) -> float:
-    def once():
-        x.grad = None
-        module.zero_grad(set_to_none=True)
-        module(x).backward(grad)
+def fwd_bwd(module, x, grad) -> float:
+    x.grad = None
+    module.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    module(x).backward(grad)
+    return time.perf_counter() - t0
 
-    for _ in range(2):
-        once()
-    times = []
+
+def time_round_robin(variants: dict, x, grad, reps: int) -> dict[str, float]:
+    """Median fwd+bwd time per variant; repetitions interleave the variants, so machine noise (other
+    load, frequency changes) hits all of them alike instead of whichever ran at a bad moment."""
+    for mod in variants.values():
+        for _ in range(2):
+            fwd_bwd(mod, x, grad)
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, mod in variants.items():
+            times[name].append(fwd_bwd(mod, x, grad))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def run(shape: str, dtype: torch.dtype, reps: int) -> dict[str, dict]:
@@ -102,7 +108,7 @@ def run(shape: str, dtype: torch.dtype, reps: int) -> dict[str, dict]:
     results = {}
     ref = None
     for name, mod in variants.items():
-        mod = mod.to(dtype)
+        mod = variants[name] = mod.to(dtype)
         with torch.no_grad():
             out = mod(x)
         if name.startswith(("moelab", "transformers")):
@@ -110,9 +116,10 @@ def run(shape: str, dtype: torch.dtype, reps: int) -> dict[str, dict]:
             diff = float((out.float() - ref.float()).abs().max())
         else:
             diff = float("nan")
-        t = time_fwd_bwd(mod, x, grad, reps)
         mem = saved_activation_bytes(lambda m=mod: m(x), list(mod.parameters()))
-        results[name] = {"ms": t * 1e3, "act_mb": mem / 2**20, "max_diff": diff}
+        results[name] = {"act_mb": mem / 2**20, "max_diff": diff}
+    for name, t in time_round_robin(variants, x, grad, reps).items():
+        results[name]["ms"] = t * 1e3
     return results
 
 
@@ -120,7 +127,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
