@@ -260,3 +260,23 @@ def test_compiled_fused_kernel_matches_the_loop():
         outs.append((y, *grads))
     for a, b in zip(*outs, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "fused"])
+def test_grouped_kernels_follow_autocast(impl):
+    """grouped_mm is not on autocast's op lists; the kernels must cast like nn.Linear would."""
+    cfg = make_config(BASE | {"expert_impl": impl})
+    ref = RoutedExperts(make_config(BASE | {"expert_impl": "loop"}))
+    ref.reset_parameters(0.3)
+    m = RoutedExperts(cfg)
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(64, 32, requires_grad=True)
+    idx = torch.stack([torch.randperm(16)[:4] for _ in range(64)])
+    gates = torch.rand(64, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m(x, idx, gates)
+        want = ref(x, idx, gates)
+    assert got.dtype == torch.bfloat16 == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.05)
+    got.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and m.gate_up_proj.grad.dtype == torch.float32

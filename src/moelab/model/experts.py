@@ -107,7 +107,7 @@ class RoutedExperts(nn.Module):
             plan = permute(indices, gates, self.n_experts)
             offs = torch.cumsum(plan.counts, 0).to(torch.int32)
             return FusedGroupedExperts.apply(x, plan.token, plan.gate, offs, self.gate_up_proj, self.down_proj,
-                                             self.compile)
+                                             self.compile, _autocast_dtype(x))
         padded = self.impl == "padded_bmm" or (self.impl == "fused" and x.is_cuda)
         plan = permute(indices, gates, self.n_experts, padded=padded)
         y = self.compute(dispatch(x, plan), plan)
@@ -132,9 +132,10 @@ class RoutedExperts(nn.Module):
 
     def _grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        h = F.grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs=offs)   # [M, 2I]
+        dt = _autocast_dtype(x_sorted) or x_sorted.dtype      # grouped_mm is not covered by autocast
+        h = F.grouped_mm(x_sorted.to(dt), self.gate_up_proj.to(dt).transpose(1, 2), offs=offs)   # [M, 2I]
         gate, up = h.chunk(2, dim=-1)
-        return F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
+        return F.grouped_mm(F.silu(gate) * up, self.down_proj.to(dt).transpose(1, 2), offs=offs)
 
     def _padded(self, x_slots: torch.Tensor, C: int) -> torch.Tensor:
         E, H = self.n_experts, x_slots.shape[1]
@@ -174,6 +175,13 @@ class PaddedSwiGLU(torch.autograd.Function):
         d_gu = torch.bmm(dh.transpose(1, 2), x)                                   # [E, 2I, H]
         dx = torch.bmm(dh, w_gu)                                                  # [E, C, H]
         return dx, d_gu, d_down
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype in force for ``x``'s device, or None. ``grouped_mm`` is not on autocast's op
+    lists, so the grouped kernels cast themselves, as autocast would for a linear layer."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
 def _grouped_mm_ok(x: torch.Tensor, inner: int) -> bool:
@@ -235,7 +243,10 @@ class FusedGroupedExperts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, token, gate, offs, w_gu, w_down, compiled=False):
+    def forward(ctx, x, token, gate, offs, w_gu, w_down, compiled=False, compute_dtype=None):
+        ctx.dtypes = (x.dtype, w_gu.dtype, w_down.dtype)
+        if compute_dtype is not None:  # under autocast: compute in its dtype, as it would for nn.Linear
+            x, w_gu, w_down = x.to(compute_dtype), w_gu.to(compute_dtype), w_down.to(compute_dtype)
         x_s = x.index_select(0, token)                                              # [M, H]
         h = F.grouped_mm(x_s, w_gu.transpose(1, 2), offs=offs)                      # [M, 2I]
         a_g = _elementwise("forward", compiled)(h, gate)                            # [M, I]
@@ -247,7 +258,8 @@ class FusedGroupedExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         x, token, gate, offs, w_gu, w_down, h = ctx.saved_tensors
-        dy_s = d_out.contiguous().index_select(0, token)                            # [M, H]
+        x_dt, gu_dt, down_dt = ctx.dtypes
+        dy_s = d_out.to(h.dtype).contiguous().index_select(0, token)                # [M, H]
         da_g = F.grouped_mm(dy_s, w_down, offs=offs)                                # [M, I]
         dh, d_gate, a_g = _elementwise("backward", ctx.compiled)(h, gate, da_g)
         d_down = F.grouped_mm(dy_s.t(), a_g, offs=offs)                             # [E, H, I]
@@ -255,4 +267,4 @@ class FusedGroupedExperts(torch.autograd.Function):
         d_gu = F.grouped_mm(dh.t(), x_s, offs=offs)                                 # [E, 2I, H]
         dx_s = F.grouped_mm(dh, w_gu, offs=offs)                                    # [M, H]
         dx = x.new_zeros(x.shape).index_add_(0, token, dx_s)
-        return dx, None, d_gate, None, d_gu, d_down, None
+        return dx.to(x_dt), None, d_gate, None, d_gu.to(gu_dt), d_down.to(down_dt), None, None
