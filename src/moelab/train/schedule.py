@@ -136,6 +136,13 @@ def lr_at(
         total_steps=total_steps, peak_lr=peak_lr, schedule=schedule, warmup_steps=warmup_steps,
         min_lr_ratio=min_lr_ratio, milestones=milestones, gamma=gamma, decay_fraction=decay_fraction,
     )
+    return _lr(step, total_steps=total_steps, peak_lr=peak_lr, schedule=schedule, warmup_steps=warmup_steps,
+               min_lr_ratio=min_lr_ratio, milestones=milestones, gamma=gamma, decay_fraction=decay_fraction)
+
+
+def _lr(step, *, total_steps, peak_lr, schedule, warmup_steps, min_lr_ratio, milestones, gamma,
+        decay_fraction) -> float:
+    """:func:`lr_at` for settings already validated (LRSchedule validates once, not every step)."""
     s = _check_int("step", step)
     if s < 0:
         raise ConfigError(f"step must be >= 0, got {s}")
@@ -195,7 +202,7 @@ class LRSchedule:
         }
 
     def __call__(self, step: int) -> float:
-        return lr_at(step, **self._settings())
+        return _lr(step, **self._settings())
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
         """Set each param group's ``'lr'`` to ``self(step) * group.get('lr_scale', 1)``; return ``self(step)``."""
