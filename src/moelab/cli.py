@@ -23,12 +23,15 @@ from rich.table import Table
 from moelab.cli_utils import err, friendly
 from moelab.data.cli import data_app
 from moelab.errors import MoelabError
+from moelab.tune.cli import finetune_app
 
 app = typer.Typer(
     name="moelab", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="A toolkit for DeepSeek-style sparse language models (DeepSeekMoE, MLA, YaRN).",
 )
 app.add_typer(data_app, name="data", help="Prepare corpora: train a tokenizer, write memory-mapped token files.")
+app.add_typer(finetune_app, name="finetune",
+              help="Fine-tune a checkpoint on chat / prompt-completion data: full, lora, plora, esft; merge results.")
 
 
 def _read_config(path: Path):

@@ -357,7 +357,8 @@ def make_config(values: dict[str, Any], where: str = "[model]") -> ModelConfig:
 KNOWN_SECTIONS = {"model", "data", "train", "balance"}
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
+def read_toml(path: str | Path, sections: set[str] = KNOWN_SECTIONS, require_model: bool = True) -> dict[str, Any]:
+    """Parse a TOML config, rejecting unknown sections (with a "did you mean")."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -366,9 +367,13 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
     for key in data:
-        if key not in KNOWN_SECTIONS:
-            raise ConfigError(f"unknown section [{key}] in {path}{did_you_mean(key, KNOWN_SECTIONS)}; "
-                              f"known sections: {', '.join(sorted(KNOWN_SECTIONS))}")
+        if key not in sections:
+            raise ConfigError(f"unknown section [{key}] in {path}{did_you_mean(key, sections)}; "
+                              f"known sections: {', '.join(sorted(sections))}")
+        if not isinstance(data[key], dict):
+            raise ConfigError(f"'{key}' in {path} must be a [{key}] table of settings, not {data[key]!r}")
+    if not require_model:
+        return data
     if "model" not in data:
         raise ConfigError(f"{path} has no [model] section")
     if not isinstance(data["model"], dict):

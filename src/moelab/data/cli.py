@@ -78,3 +78,25 @@ def info(
     for s in meta.get("sources", []):
         out.print(f"  source {escape(s['source'])} ({s['kind']}): {s['documents']:,} documents, "
                   f"{s['bytes']:,} bytes", highlight=False)
+
+
+@data_app.command()
+@friendly
+def tasks(
+    task: Annotated[str, typer.Argument(help="A preset (arithmetic, arithmetic-hard, gsm) or a reasoning-gym "
+                                             "dataset name.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON Lines file to write.")],
+    size: Annotated[int, typer.Option(min=1, help="Number of examples.")] = 1000,
+    seed: Annotated[int, typer.Option(min=0, help="Generator seed (use different seeds for train and test).")] = 0,
+):
+    """Generate a prompt/completion task file offline with reasoning-gym (for `moelab finetune`).
+
+        moelab data tasks arithmetic --size 4000 --seed 0 --out runs/tasks/arith-train.jsonl
+        moelab data tasks arithmetic --size 200 --seed 1 --out runs/tasks/arith-test.jsonl
+    """
+    from moelab.data.tasks import generate, write_jsonl
+
+    rows = generate(task, size, seed)
+    write_jsonl(rows, out)
+    err.print(f"wrote {len(rows):,} examples to {escape(str(out))}, e.g. "
+              f"{escape(rows[0]['prompt'])!r} → {escape(rows[0]['completion'])!r}")

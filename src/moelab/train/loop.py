@@ -13,6 +13,11 @@ resume equal those of a run that never stopped (tested).
 Writes into RUN_DIR: ``metrics.jsonl`` (one JSON object per logged step / evaluation), TensorBoard
 events under ``tb/``, checkpoints under ``checkpoints/``, and at the end ``model/`` (the final model, a
 Hugging Face checkpoint with its tokenizer), ``expert_load.npy`` and ``report/``.
+
+The loop itself (:func:`fit`) trains a :class:`Job`: a model, its data, and how its weights are saved.
+:func:`train` builds the pre-training job; :mod:`moelab.tune.run` builds fine-tuning jobs (full, LoRA,
+PeriodicLoRA, ESFT) that differ only in which parameters train, what happens after each step and what
+is written at the end. Targets equal to −100 carry no loss (SFT prompts and padding).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +41,7 @@ from moelab.errors import TrainingError
 from moelab.interop.checkpoint import load as load_checkpoint_dir
 from moelab.model.transformer import DeepSeekForCausalLM
 from moelab.train.balance import Balancer
-from moelab.train.config import RunConfig
+from moelab.train.config import BalanceConfig, RunConfig, TrainConfig
 from moelab.train.schedule import LRSchedule
 from moelab.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -49,6 +54,36 @@ class RunResult:
     status: str                 # "finished" | "interrupted"
     last_eval: dict
     checkpoint: Path | None
+
+
+@dataclass
+class Job:
+    """What :func:`fit` trains.
+
+    ``save_weights(model, dir)`` writes a checkpoint's weights into ``dir`` (default: a Hugging Face
+    checkpoint in ``dir/model``); ``load_weights(model, ckpt_dir)`` restores them on ``--resume``.
+    ``after_step(step, optimizer)`` runs after every optimizer step (PeriodicLoRA merges there) and
+    ``schedule_step(step)`` maps the step to the LR schedule's step (PeriodicLoRA restarts it).
+    ``finalize(model, run_dir)`` writes the final result; by default the last checkpoint's ``model/`` is
+    copied to ``RUN_DIR/model``. ``extra_evals`` are more validation sets (e.g. ``"general"`` text for
+    measuring forgetting), logged as ``{name}_val_loss`` etc. ``state``/``load_state`` carry a job's own
+    small state (ints, floats) through checkpoints.
+    """
+
+    model: DeepSeekForCausalLM
+    train_data: object                 # TokenData | SFTData: .batch(), .eval_batches(), .bytes_per_token
+    val_data: object
+    config_json: str
+    tokenizer_file: Path | None = None
+    extra_evals: dict = field(default_factory=dict)
+    save_weights: Callable | None = None
+    load_weights: Callable | None = None
+    after_step: Callable | None = None
+    schedule_step: Callable[[int], int] | None = None
+    finalize: Callable | None = None
+    state: Callable[[], dict] | None = None
+    load_state: Callable[[dict], None] | None = None
+    kind: str = "train"                # the progress bar's label
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -135,6 +170,16 @@ def truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
+IGNORE = -100
+
+
+def lm_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over targets != −100 (0 with a graph when there are none)."""
+    if not bool((y != IGNORE).any()):
+        return logits.float().sum() * 0.0
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+
+
 @torch.no_grad()
 def evaluate(model, data: TokenData, batch_size: int, seq_len: int, max_batches: int, dtype: str,
              balancer: Balancer | None = None) -> dict:
@@ -147,9 +192,10 @@ def evaluate(model, data: TokenData, batch_size: int, seq_len: int, max_batches:
         for x, y in data.eval_batches(batch_size, seq_len, max_batches):
             with autocast_ctx(dtype, model.device):
                 logits = model(x.to(model.device)).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(model.device).flatten(), reduction="sum")
+            y = y.to(model.device)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=IGNORE)
             total += float(loss)
-            count += y.numel()
+            count += int((y != IGNORE).sum())
     model.train(was_training)
     if count == 0:
         raise TrainingError("the validation split is too small for one evaluation window; "
@@ -165,8 +211,6 @@ def evaluate(model, data: TokenData, batch_size: int, seq_len: int, max_batches:
 def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
           on_event: Callable[[str, dict], None] | None = None) -> RunResult:
     """Run (or resume) pre-training as configured; returns where it stopped."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     tc, dc = cfg.train, cfg.data
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -175,32 +219,47 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
     if tok_vocab > cfg.model.vocab_size:
         raise TrainingError(f"the tokenizer in {dc.path} has {tok_vocab} tokens but model.vocab_size is "
                             f"{cfg.model.vocab_size}; raise model.vocab_size to at least {tok_vocab}")
-    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-
     torch.manual_seed(tc.seed)
     if tc.init_from:
         model = load_checkpoint_dir(tc.init_from, dtype=torch.float32)
     else:
         model = DeepSeekForCausalLM.from_config(cfg.model, seed=tc.seed)
+    job = Job(model=model, train_data=train_data, val_data=val_data, config_json=cfg.model_dump_json(indent=2),
+              tokenizer_file=Path(dc.path) / "tokenizer.json")
+    return fit(job, tc, cfg.balance, dc.seq_len, run_dir, resume=resume, progress=progress, on_event=on_event)
+
+
+def fit(job: Job, tc: TrainConfig, balance: BalanceConfig, seq_len: int, run_dir: str | Path,
+        resume: bool = False, progress: bool = True,
+        on_event: Callable[[str, dict], None] | None = None) -> RunResult:
+    """The training loop: runs ``job`` for ``tc``'s steps, evaluating, logging and checkpointing."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    model, train_data, val_data = job.model, job.train_data, job.val_data
+    (run_dir / "config.json").write_text(job.config_json)
     model.train()
-    balancer = Balancer(model, cfg.balance)
+    balancer = Balancer(model, balance)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas, eps=tc.eps,
                                   fused=False)
-    total_steps = tc.total_steps(dc.seq_len)
+    total_steps = tc.total_steps(seq_len)
     schedule = LRSchedule(total_steps=total_steps, peak_lr=tc.lr, schedule=tc.lr_schedule,
                           warmup_steps=min(tc.warmup_steps, total_steps - 1), min_lr_ratio=tc.min_lr_ratio,
                           milestones=tuple(tc.milestones), gamma=tc.gamma, decay_fraction=tc.decay_fraction)
-    tokens_per_step = tc.batch_size * tc.grad_accum * dc.seq_len
-    tokenizer_file = Path(dc.path) / "tokenizer.json"
+    tokens_per_step = tc.batch_size * tc.grad_accum * seq_len
+    tokenizer_file = job.tokenizer_file
 
     step, tokens, last_eval = 0, 0, {}
     if resume:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise TrainingError(f"--resume: no checkpoint in {run_dir}/checkpoints; start without --resume")
-        state = load_checkpoint(ckpt, model, optimizer)
+        state = load_checkpoint(ckpt, model, optimizer, job.load_weights)
         step, tokens = int(state["step"]), int(state["tokens"])
         balancer._frozen = bool(state.get("bias_frozen", False))
+        if job.load_state is not None:
+            job.load_state(dict(state.get("job", {})))
         truncate_metrics(run_dir / "metrics.jsonl", step)
     elif (run_dir / "metrics.jsonl").exists() and latest_checkpoint(run_dir) is not None:
         raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
@@ -213,21 +272,37 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
 
     def checkpoint() -> Path:
         state = {"tokens": tokens, "bias_frozen": balancer._frozen, "total_steps": total_steps}
-        return save_checkpoint(run_dir, step, model, optimizer, state, tc.keep_last, tokenizer_file)
+        if job.state is not None:
+            state["job"] = job.state()
+        return save_checkpoint(run_dir, step, model, optimizer, state, tc.keep_last, tokenizer_file,
+                               job.save_weights)
 
-    bar = _progress(progress, total_steps, step)
+    def run_eval() -> dict:
+        out = {"step": step, "tokens": tokens, **evaluate(
+            model, val_data, tc.batch_size, seq_len, tc.eval_batches, tc.dtype, balancer)}
+        for name, data in job.extra_evals.items():
+            extra = evaluate(model, data, tc.batch_size, seq_len, tc.eval_batches, tc.dtype)
+            out.update({f"{name}_{k}": v for k, v in extra.items()})
+        return out
+
+    bar = _progress(progress, total_steps, step, job.kind)
     status = "finished"
     window_t, window_tokens, losses = time.perf_counter(), 0, []
     try:
         with _StopFlag() as stop, bar:
+            if step == 0 and job.extra_evals:   # the starting point, to measure forgetting against
+                first = run_eval()
+                first.pop("expert_share", None)
+                log.write(first)
+                emit("eval", first)
             while step < total_steps:
-                lr = schedule.apply(optimizer, step)
+                lr = schedule.apply(optimizer, job.schedule_step(step) if job.schedule_step else step)
                 step_loss, step_aux = 0.0, 0.0
                 for micro in range(tc.grad_accum):
-                    x, y = train_data.batch(tc.batch_size, dc.seq_len, step, micro, tc.seed)
+                    x, y = train_data.batch(tc.batch_size, seq_len, step, micro, tc.seed)
                     with autocast_ctx(tc.dtype, model.device):
                         logits = model(x).logits
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                    loss = lm_loss(logits, y)
                     aux = balancer.pop_aux_loss()
                     total = loss if aux is None else loss + aux
                     if not torch.isfinite(total.detach()):
@@ -238,7 +313,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
                     (total / tc.grad_accum).backward()
                     step_loss += float(loss.detach()) / tc.grad_accum
                     step_aux += (float(aux.detach()) if aux is not None else 0.0) / tc.grad_accum
-                grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0
+                trainable = [p for p in model.parameters() if p.requires_grad]
+                grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip) if tc.grad_clip > 0
                              else torch.tensor(0.0))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -246,6 +322,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
                 tokens += tokens_per_step
                 window_tokens += tokens_per_step
                 bal = balancer.step(tokens)
+                if job.after_step is not None:
+                    job.after_step(step, optimizer)
                 losses.append(step_loss)
                 if step % tc.log_every == 0 or step == total_steps:
                     now = time.perf_counter()
@@ -258,8 +336,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
                     window_t, window_tokens, losses = now, 0, []
                     bar.update(rec)
                 if step % tc.eval_every == 0 or step == total_steps:
-                    last_eval = {"step": step, "tokens": tokens, **evaluate(
-                        model, val_data, tc.batch_size, dc.seq_len, tc.eval_batches, tc.dtype, balancer)}
+                    last_eval = run_eval()
                     share = last_eval.pop("expert_share", None)
                     if share is not None:
                         _save_expert_load(run_dir, share, balancer.layer_ids)
@@ -280,7 +357,9 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
     if status == "finished":
         from moelab.train.report import write_report
 
-        if last_ckpt is not None:  # the final model, where users look for it: RUN_DIR/model
+        if job.finalize is not None:
+            job.finalize(model, run_dir)
+        elif last_ckpt is not None:  # the final model, where users look for it: RUN_DIR/model
             tmp = run_dir / ".model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(last_ckpt / "model", tmp)
@@ -300,7 +379,7 @@ def _save_expert_load(run_dir: Path, share: np.ndarray, layer_ids: list[int]) ->
 class _progress:
     """A rich progress bar showing step, loss, tokens/s, MaxVio and ETA (no-op when disabled)."""
 
-    def __init__(self, enabled: bool, total: int, start: int):
+    def __init__(self, enabled: bool, total: int, start: int, label: str = "train"):
         self.enabled = enabled
         if not enabled:
             return
@@ -308,7 +387,7 @@ class _progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeRemainingColumn(), console=Console(stderr=True), transient=False)
         self.task = self.progress.add_task("train", total=total, completed=start, info="")
         self.fields: dict = {}

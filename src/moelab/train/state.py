@@ -42,13 +42,18 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int,
-                    tokenizer: Path | None = None) -> Path:
+                    tokenizer: Path | None = None, save_weights=None) -> Path:
+    """Write ``checkpoints/step-NNNNNNNN`` atomically. ``save_weights(model, dir)`` replaces the default
+    (a Hugging Face checkpoint in ``dir/model``) for fine-tuning jobs."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
     try:
-        save(model, tmp / "model", tokenizer=tokenizer if tokenizer and tokenizer.is_file() else None)
+        if save_weights is not None:
+            save_weights(model, tmp)
+        else:
+            save(model, tmp / "model", tokenizer=tokenizer if tokenizer and tokenizer.is_file() else None)
         payload = {"optimizer": optimizer.state_dict(), "step": step, "torch_rng": torch.get_rng_state(), **state}
         torch.save(payload, tmp / "train_state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, "tokens": state.get("tokens", 0),
@@ -65,10 +70,13 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
     return final
 
 
-def load_checkpoint(ckpt: Path, model, optimizer) -> dict:
+def load_checkpoint(ckpt: Path, model, optimizer, load_weights=None) -> dict:
     """Restore weights (in place) and optimizer state; returns the saved training state."""
     try:
-        load_state_into(model, weight_files(ckpt / "model"))
+        if load_weights is not None:
+            load_weights(model, ckpt)
+        else:
+            load_state_into(model, weight_files(ckpt / "model"))
         state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
     except CheckpointError:
         raise

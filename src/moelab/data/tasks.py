@@ -1,0 +1,76 @@
+"""Task data generated offline with the PyPI package ``reasoning-gym``: prompt/completion JSON Lines.
+
+    moelab data tasks arithmetic --size 4000 --seed 0 --out runs/tasks/arith-train.jsonl
+
+Presets (``TASKS``): ``arithmetic`` (two-term sums and differences of 1–2 digit integers: small enough
+that a 2M-parameter model can learn it), ``arithmetic-hard`` (2–4 terms, 1–3 digits, + − ×, parentheses),
+``gsm`` (``gsm_symbolic`` grade-school word problems). Each line is
+``{"prompt": question, "completion": answer, "task": name}``; answers are exact-match scored by
+:func:`exact_match` (whitespace-trimmed string equality; a trailing period is ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from moelab.errors import DataError
+
+TASKS: dict[str, tuple[str, dict]] = {
+    "arithmetic": ("basic_arithmetic", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2,
+                                        "operators": ("+", "-"), "allow_parentheses": False,
+                                        "allow_negation": False, "format_style": "simple",
+                                        "whitespace": "single"}),
+    "arithmetic-hard": ("basic_arithmetic", {"min_terms": 2, "max_terms": 4, "min_digits": 1, "max_digits": 3,
+                                             "operators": ("+", "-", "*"), "format_style": "simple",
+                                             "whitespace": "single"}),
+    "gsm": ("gsm_symbolic", {}),
+}
+
+
+def generate(task: str, size: int, seed: int = 0) -> list[dict]:
+    """``size`` examples of a preset (or any reasoning-gym dataset name) as prompt/completion dicts."""
+    if size < 1:
+        raise DataError(f"size must be at least 1 (got {size})")
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise DataError("task generation needs the reasoning-gym package: pip install 'moelab[tasks]'") from None
+    name, kwargs = TASKS.get(task, (task, {}))
+    try:
+        ds = reasoning_gym.create_dataset(name, size=size, seed=seed, **kwargs)
+    except Exception as e:  # reasoning-gym raises a plain error for unknown names
+        raise DataError(f"unknown task {task!r} ({e}); presets: {', '.join(TASKS)}, or a reasoning-gym "
+                        "dataset name such as basic_arithmetic") from None
+    return [{"prompt": x["question"], "completion": str(x["answer"]), "task": task} for x in ds]
+
+
+def normalize(answer: str) -> str:
+    a = answer.strip()
+    return a[:-1].rstrip() if a.endswith(".") else a
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """Exact match after trimming whitespace and one trailing period."""
+    return normalize(prediction) == normalize(answer)
+
+
+def write_jsonl(rows: list[dict], path: str | os.PathLike) -> Path:
+    """Write rows as JSON Lines atomically (temp file, then rename)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+__all__ = ["TASKS", "exact_match", "generate", "normalize", "write_jsonl"]

@@ -1,0 +1,1 @@
+"""Measuring models: exact-match generation tasks (more to come: perplexity, harness, UMP)."""
