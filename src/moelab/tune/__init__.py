@@ -1,0 +1,1 @@
+"""Fine-tuning methods on top of a pre-trained moelab model (ESFT, LoRA, ...)."""

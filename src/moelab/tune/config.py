@@ -1,0 +1,133 @@
+"""Typed configuration of a fine-tuning run (``moelab finetune {full,lora,plora,esft} CONFIG``).
+
+Sections::
+
+    [finetune]  base = checkpoint directory (moelab or a transformers DeepseekV2/V3 export)
+    [data]      the SFT file (chat or prompt/completion JSON Lines), template, packing, seq_len,
+                and optionally a token directory whose validation split measures forgetting
+    [train]     the optimisation recipe (as for pre-training; fine-tuning defaults below)
+    [balance]   expert balancing during fine-tuning (default "none": the routing bias stays put)
+    [lora]      LoRA settings (methods lora and plora)
+    [plora]     PeriodicLoRA settings (method plora)
+    [esft]      ESFT expert configuration (method esft)
+
+The method comes from the command line (``moelab finetune lora ...``), or ``finetune.method``.
+
+Learning-rate defaults follow the ESFT paper (METHODS.md §5): full 3e-5, LoRA/PeriodicLoRA 1e-4, ESFT
+1e-5, constant schedule, no warm-up. They were chosen for a 16B model; small models want more (the
+configs in ``configs/finetune-*.toml`` set their own).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from moelab.config import _format_validation_error, read_toml
+from moelab.errors import ConfigError
+from moelab.train.config import BalanceConfig, TrainConfig, apply_overrides
+from moelab.tune.lora import LoraSettings
+from moelab.tune.plora import PLoraSettings
+
+Method = Literal["full", "lora", "plora", "esft"]
+METHODS = ("full", "lora", "plora", "esft")
+DEFAULT_LR = {"full": 3e-5, "lora": 1e-4, "plora": 1e-4, "esft": 1e-5}
+SECTIONS = {"finetune", "data", "train", "balance", "lora", "plora", "esft"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FinetuneSection(_Section):
+    method: Method | None = None
+    base: str                          # checkpoint directory to start from
+
+
+class SFTDataConfig(_Section):
+    """SFT data (see :mod:`moelab.data.sft`)."""
+
+    path: str                                   # JSON Lines: {"messages": [...]} or {"prompt", "completion"}
+    val_path: str | None = None                 # a separate validation file; else a val_fraction split
+    val_fraction: float = 0.05
+    seq_len: int = 512
+    template: Literal["deepseek", "plain"] = "deepseek"
+    packing: bool = True
+    skip_malformed: bool = False                # skip and count malformed lines instead of stopping
+    general_path: str | None = None             # token directory; its val split measures forgetting
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.seq_len < 2:
+            raise ValueError(f"data.seq_len must be >= 2 (got {self.seq_len})")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1) (got {self.val_fraction})")
+        return self
+
+
+class FinetuneTrainConfig(TrainConfig):
+    """:class:`~moelab.train.config.TrainConfig` with fine-tuning defaults (ESFT ``base.yaml``)."""
+
+    batch_size: int = 8
+    lr_schedule: Literal["multistep", "cosine", "wsd", "constant"] = "constant"
+    warmup_steps: int = 0
+    eval_every: int = 50
+    ckpt_every: int = 100
+
+
+class EsftSection(_Section):
+    """``expert_config``: the JSON written by ``moelab esft select`` (``{"experts": {layer: [ids]}, ...}``)."""
+
+    expert_config: str | None = None
+
+
+class FinetuneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    finetune: FinetuneSection
+    data: SFTDataConfig
+    train: FinetuneTrainConfig
+    balance: BalanceConfig = BalanceConfig(method="none")
+    lora: LoraSettings = LoraSettings()
+    plora: PLoraSettings = PLoraSettings()
+    esft: EsftSection = EsftSection()
+
+    @property
+    def method(self) -> str:
+        return self.finetune.method or "full"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.method == "esft" and not self.esft.expert_config:
+            raise ValueError("method esft needs esft.expert_config: the JSON written by `moelab esft select`")
+        return self
+
+
+def load_finetune_config(path: str | Path | None, overrides: list[str] = (), method: str | None = None,
+                         base: str | None = None) -> FinetuneConfig:
+    """Read a fine-tuning TOML (or none: everything from ``--set``), apply overrides and the method."""
+    data = read_toml(path, SECTIONS, require_model=False) if path is not None else {}
+    data = apply_overrides(data, list(overrides))
+    where = str(path) if path is not None else "--set"
+    if method is not None:
+        if method not in METHODS:
+            raise ConfigError(f"unknown fine-tuning method {method!r}; use one of {', '.join(METHODS)}")
+        data.setdefault("finetune", {})["method"] = method
+    if base is not None:
+        data.setdefault("finetune", {})["base"] = base
+    m = data.get("finetune", {}).get("method") or "full"
+    for name in ("finetune", "data", "train"):
+        if name not in data:
+            hint = {"finetune": "base = 'runs/demo/model' (or --base)",
+                    "data": "path = 'train.jsonl'", "train": "steps = 100"}[name]
+            raise ConfigError(f"{where} has no [{name}] section; add one with at least {hint}")
+    data["train"].setdefault("lr", DEFAULT_LR.get(m, 1e-4))
+    try:
+        return FinetuneConfig(**data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, where, FinetuneConfig)) from None
+
+
+__all__ = ["DEFAULT_LR", "METHODS", "EsftSection", "FinetuneConfig", "FinetuneSection", "FinetuneTrainConfig",
+           "SFTDataConfig", "load_finetune_config"]

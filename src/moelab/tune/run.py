@@ -1,0 +1,209 @@
+"""Fine-tuning runs: build a :class:`~moelab.train.loop.Job` for a method and train it with the same loop,
+checkpoints, resume, metrics and report as pre-training.
+
+=========  ==================================================  =====================================
+method     trains                                              RUN_DIR result
+=========  ==================================================  =====================================
+full       every parameter (router bias: per ``[balance]``)    ``model/`` (Hugging Face checkpoint)
+lora       LoRA A, B on the matched linears / expert weights   ``adapter/`` (PEFT format)
+plora      LoRA, merged into the base every ``stage_steps``    ``model/`` (the update exceeds rank r)
+esft       the selected routed experts only                    ``esft/`` (expert_cfg.json + experts)
+=========  ==================================================  =====================================
+
+``moelab finetune merge BASE RESULT --out DIR`` turns ``adapter/`` or ``esft/`` into a full checkpoint.
+
+Checkpoints of the parameter-efficient methods hold the whole in-memory state (``state.safetensors``,
+LoRA/ESFT tensors included) so that ``--resume`` continues exactly; the final result is small.
+When ``data.general_path`` names a token directory, its validation split is evaluated before the first
+step and at every evaluation (``general_val_loss``, ``general_val_ppl``): the forgetting curve.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from moelab.data.sft import load_sft
+from moelab.data.tokenizer import load_tokenizer
+from moelab.data.tokens import TokenData
+from moelab.errors import CheckpointError, TrainingError
+from moelab.interop.checkpoint import load as load_checkpoint_dir
+from moelab.interop.checkpoint import save as save_model
+from moelab.train.loop import Job, RunResult, fit
+from moelab.tune.config import FinetuneConfig
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts (shared tensors counted once)."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def _save_state(model, ckpt_dir: Path) -> None:
+    """Every tensor of the in-memory model (LoRA / ESFT ones included) into ``state.safetensors``."""
+    state, seen = {}, {}
+    for k, v in model.state_dict().items():
+        v = v.detach()
+        key = (v.data_ptr(), v.shape, v.dtype) if v.numel() else None
+        state[k] = v.clone() if key in seen else v.contiguous()   # safetensors refuses shared storage
+        if key is not None:
+            seen[key] = k
+    save_file(state, str(ckpt_dir / "state.safetensors"), metadata={"format": "pt"})
+
+
+def _load_state(model, ckpt_dir: Path) -> None:
+    path = ckpt_dir / "state.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir} has no state.safetensors; it was not written by `moelab finetune`")
+    try:
+        model.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match this fine-tuning setup (same method, LoRA and ESFT "
+                              f"settings?): {str(e).splitlines()[0]}") from None
+
+
+def _atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        write(tmp)
+        tmp.chmod(0o755)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def build_job(cfg: FinetuneConfig) -> tuple[Job, dict]:
+    """Load the base model and the data, apply the method; returns the job and a summary dict."""
+    base = Path(cfg.finetune.base)
+    if not (base / "config.json").is_file():
+        raise CheckpointError(f"finetune.base {base} is not a checkpoint directory (no config.json); give the "
+                              "directory written by `moelab train` (RUN_DIR/model) or a Hugging Face export")
+    if not (base / "tokenizer.json").is_file():
+        raise CheckpointError(f"{base} has no tokenizer.json; fine-tuning renders chat data with the base "
+                              "model's tokenizer — copy it next to the weights")
+    tc, dc = cfg.train, cfg.data
+    torch.manual_seed(tc.seed)
+    model = load_checkpoint_dir(base, dtype=torch.float32)
+    tokenizer = load_tokenizer(base)
+    train_data, val_data, stats = load_sft(
+        dc.path, tokenizer, dc.seq_len, template=dc.template, val_path=dc.val_path, val_fraction=dc.val_fraction,
+        packing=dc.packing, skip_malformed=dc.skip_malformed, seed=tc.seed, micro_per_step=tc.grad_accum)
+    vocab = int(train_data.meta["vocab_size"])
+    if vocab > model.config.vocab_size:
+        raise TrainingError(f"the tokenizer of {base} has {vocab} tokens but the model only "
+                            f"{model.config.vocab_size}; use the tokenizer the model was trained with")
+    if len(val_data) == 0:
+        raise TrainingError(f"{dc.path}: no validation examples; set data.val_path or raise data.val_fraction")
+    extra = {}
+    if dc.general_path:
+        extra["general"] = TokenData(dc.general_path, "val")
+
+    method = cfg.method
+    summary = {"method": method, "base": str(base), "data": dc.path, "train_examples": train_data.meta["examples"],
+               "val_examples": val_data.meta["examples"], "train_rows": len(train_data),
+               "target_tokens": train_data.target_tokens, "skipped_lines": len(stats.skipped),
+               "truncated_examples": stats.truncated}
+    job = Job(model=model, train_data=train_data, val_data=val_data, config_json=cfg.model_dump_json(indent=2),
+              tokenizer_file=base / "tokenizer.json", extra_evals=extra, kind=method)
+    tok_file = base / "tokenizer.json"
+
+    if method == "full":
+        job.finalize = lambda m, run_dir: save_model(m, run_dir / "model", tokenizer=tok_file)
+    elif method in ("lora", "plora"):
+        from moelab.tune.lora import apply_lora, merge_lora, save_adapter
+
+        info = apply_lora(model, cfg.lora)
+        summary["adapted"] = len(info.adapted)
+        job.save_weights, job.load_weights = _save_state, _load_state
+        if method == "lora":
+            job.finalize = lambda m, run_dir: save_adapter(m, run_dir / "adapter", str(base), cfg.lora)
+        else:
+            from moelab.tune.plora import PeriodicLoRA
+
+            plora = PeriodicLoRA(model, cfg.plora)
+            job.after_step = plora.after_step
+            job.schedule_step = plora.schedule_step
+            job.state, job.load_state = plora.state_dict, plora.load_state_dict
+
+            def finalize(m, run_dir):
+                merge_lora(m)
+                save_model(m, run_dir / "model", tokenizer=tok_file)
+
+            job.finalize = finalize
+    elif method == "esft":
+        from moelab.tune.esft import apply_esft, read_expert_config, save_esft
+
+        expert_cfg = read_expert_config(cfg.esft.expert_config, model)
+        apply_esft(model, expert_cfg)
+        summary["experts_per_layer"] = {k: len(v) for k, v in expert_cfg["experts"].items()}
+        job.save_weights, job.load_weights = _save_state, _load_state
+
+        def finalize(m, run_dir):
+            save_esft(m, expert_cfg, run_dir / "esft")
+            shutil.copy2(tok_file, run_dir / "esft" / "tokenizer.json")
+
+        job.finalize = finalize
+    else:  # pragma: no cover (validated by the config)
+        raise TrainingError(f"unknown method {method}")
+    summary["trainable_params"], summary["total_params"] = count_params(model)
+    return job, summary
+
+
+def finetune(cfg: FinetuneConfig, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
+             on_event=None) -> tuple[RunResult, dict]:
+    """Fine-tune as configured; returns the run result and a summary (trainable parameters, data, sizes)."""
+    run_dir = Path(run_dir)
+    job, summary = build_job(cfg)
+    if job.train_data.seq_len != cfg.data.seq_len:  # pragma: no cover (packed for this seq_len)
+        raise TrainingError("internal: SFT rows packed for another seq_len")
+    result = fit(job, cfg.train, cfg.balance, cfg.data.seq_len, run_dir, resume=resume, progress=progress,
+                 on_event=on_event)
+    if result.status == "finished":
+        out = {"lora": "adapter", "esft": "esft"}.get(cfg.method, "model")
+        summary["result"] = str(run_dir / out)
+        summary["result_bytes"] = sum(f.stat().st_size for f in (run_dir / out).rglob("*") if f.is_file())
+        summary["last_eval"] = result.last_eval
+        tmp = run_dir / ".finetune.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
+        tmp.replace(run_dir / "finetune.json")
+    return result, summary
+
+
+def merge_result(base: str | os.PathLike, result: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A full checkpoint from a base and a fine-tuning result (``adapter/`` or ``esft/``)."""
+    base, result, out = Path(base), Path(result), Path(out)
+    if (result / "adapter_config.json").is_file():
+        from moelab.tune.lora import load_adapter, merge_lora
+
+        model = load_checkpoint_dir(base, dtype=torch.float32)
+        load_adapter(model, result)
+        merge_lora(model)
+        tok = base / "tokenizer.json"
+        return save_model(model, out, tokenizer=tok if tok.is_file() else None)
+    if (result / "expert_cfg.json").is_file():
+        from moelab.tune.esft import merge_esft
+
+        return Path(merge_esft(base, result, out) or out)
+    raise CheckpointError(f"{result} is neither a LoRA adapter (adapter_config.json) nor an ESFT result "
+                          "(expert_cfg.json); give RUN_DIR/adapter or RUN_DIR/esft")
+
+
+__all__ = ["build_job", "count_params", "finetune", "merge_result"]
