@@ -24,6 +24,7 @@ from moelab.cli_utils import err, friendly
 from moelab.data.cli import data_app
 from moelab.errors import MoelabError
 from moelab.tune.cli import finetune_app
+from moelab.tune.esft_cli import esft_app
 
 app = typer.Typer(
     name="moelab", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -32,6 +33,7 @@ app = typer.Typer(
 app.add_typer(data_app, name="data", help="Prepare corpora: train a tokenizer, write memory-mapped token files.")
 app.add_typer(finetune_app, name="finetune",
               help="Fine-tune a checkpoint on chat / prompt-completion data: full, lora, plora, esft; merge results.")
+app.add_typer(esft_app, name="esft", help="Expert-Specialized Fine-Tuning: score, select, train, merge experts.")
 
 
 def _read_config(path: Path):
