@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,7 +39,7 @@ from moelab.tune.config import FinetuneConfig
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts (shared tensors counted once)."""
+    """(trainable, all) parameter counts (shared tensors counted once)."""
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
@@ -75,21 +73,6 @@ def _load_state(model, ckpt_dir: Path) -> None:
                               f"settings?): {str(e).splitlines()[0]}") from None
 
 
-def _atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        write(tmp)
-        tmp.chmod(0o755)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
 def build_job(cfg: FinetuneConfig) -> tuple[Job, dict]:
     """Load the base model and the data, apply the method; returns the job and a summary dict."""
     base = Path(cfg.finetune.base)
@@ -102,6 +85,7 @@ def build_job(cfg: FinetuneConfig) -> tuple[Job, dict]:
     tc, dc = cfg.train, cfg.data
     torch.manual_seed(tc.seed)
     model = load_checkpoint_dir(base, dtype=torch.float32)
+    base_params = count_params(model)[1]
     tokenizer = load_tokenizer(base)
     train_data, val_data, stats = load_sft(
         dc.path, tokenizer, dc.seq_len, template=dc.template, val_path=dc.val_path, val_fraction=dc.val_fraction,
@@ -163,7 +147,8 @@ def build_job(cfg: FinetuneConfig) -> tuple[Job, dict]:
         job.finalize = finalize
     else:  # pragma: no cover (validated by the config)
         raise TrainingError(f"unknown method {method}")
-    summary["trainable_params"], summary["total_params"] = count_params(model)
+    summary["trainable_params"] = count_params(model)[0]
+    summary["total_params"] = base_params      # of the base model (LoRA / ESFT copies not counted)
     return job, summary
 
 
