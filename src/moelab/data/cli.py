@@ -87,16 +87,23 @@ def tasks(
                                              "dataset name.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="JSON Lines file to write.")],
     size: Annotated[int, typer.Option(min=1, help="Number of examples.")] = 1000,
-    seed: Annotated[int, typer.Option(min=0, help="Generator seed (use different seeds for train and test).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Generator seed (different seeds give disjoint draws).")] = 0,
+    exclude: Annotated[Path | None, typer.Option(
+        help="A JSONL task file whose prompts must not appear (e.g. the training file, for a test set).")] = None,
 ):
     """Generate a prompt/completion task file offline with reasoning-gym (for `moelab finetune`).
 
         moelab data tasks arithmetic --size 4000 --seed 0 --out runs/tasks/arith-train.jsonl
-        moelab data tasks arithmetic --size 200 --seed 1 --out runs/tasks/arith-test.jsonl
+        moelab data tasks arithmetic --size 300 --seed 1 --exclude runs/tasks/arith-train.jsonl \
+            --out runs/tasks/arith-test.jsonl
     """
+    from moelab.data.sft import read_jsonl
     from moelab.data.tasks import generate, write_jsonl
 
-    rows = generate(task, size, seed)
+    seen = set()
+    if exclude is not None:
+        seen = {m[0]["content"] for _, msgs in read_jsonl(exclude) for m in [msgs] if m[0]["role"] == "user"}
+    rows = generate(task, size, seed, exclude=seen)
     write_jsonl(rows, out)
     err.print(f"wrote {len(rows):,} examples to {escape(str(out))}, e.g. "
               f"{escape(rows[0]['prompt'])!r} → {escape(rows[0]['completion'])!r}")

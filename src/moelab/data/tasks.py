@@ -30,21 +30,42 @@ TASKS: dict[str, tuple[str, dict]] = {
 }
 
 
-def generate(task: str, size: int, seed: int = 0) -> list[dict]:
-    """``size`` examples of a preset (or any reasoning-gym dataset name) as prompt/completion dicts."""
+#: reasoning-gym seeds item i with ``seed + i``, so datasets with seeds 0 and 1 share all but one item;
+#: moelab spreads user seeds this far apart, making different seeds give disjoint draws.
+SEED_STRIDE = 10_000_000
+
+
+def generate(task: str, size: int, seed: int = 0, exclude: set[str] | None = None) -> list[dict]:
+    """``size`` examples of a preset (or any reasoning-gym dataset name) as prompt/completion dicts.
+
+    ``exclude``: prompts to leave out (e.g. the training prompts, for a disjoint test set); more items
+    are drawn until ``size`` new ones are found (an error if the task cannot provide them).
+    """
     if size < 1:
         raise DataError(f"size must be at least 1 (got {size})")
     try:
         import reasoning_gym
     except ImportError:
         raise DataError("task generation needs the reasoning-gym package: pip install 'moelab[tasks]'") from None
+    if seed < 0:
+        raise DataError(f"seed must be >= 0 (got {seed})")
     name, kwargs = TASKS.get(task, (task, {}))
-    try:
-        ds = reasoning_gym.create_dataset(name, size=size, seed=seed, **kwargs)
-    except Exception as e:  # reasoning-gym raises a plain error for unknown names
-        raise DataError(f"unknown task {task!r} ({e}); presets: {', '.join(TASKS)}, or a reasoning-gym "
-                        "dataset name such as basic_arithmetic") from None
-    return [{"prompt": x["question"], "completion": str(x["answer"]), "task": task} for x in ds]
+    exclude = exclude or set()
+    draw = size if not exclude else 4 * size
+    rows: list[dict] = []
+    for attempt in range(4):
+        try:
+            ds = reasoning_gym.create_dataset(name, size=draw, seed=seed * SEED_STRIDE + attempt * draw, **kwargs)
+        except Exception as e:  # reasoning-gym raises a plain error for unknown names
+            raise DataError(f"unknown task {task!r} ({e}); presets: {', '.join(TASKS)}, or a reasoning-gym "
+                            "dataset name such as basic_arithmetic") from None
+        for x in ds:
+            if x["question"] not in exclude:
+                rows.append({"prompt": x["question"], "completion": str(x["answer"]), "task": task})
+                if len(rows) == size:
+                    return rows
+    raise DataError(f"could only draw {len(rows)} of {size} {task} examples not in the excluded set; ask for "
+                    "fewer or use a harder preset")
 
 
 def normalize(answer: str) -> str:
