@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from moelab.analysis.analyze_cli import analyze_app
 from moelab.analysis.scaling_cli import scaling_app
 from moelab.cli_utils import err, friendly
 from moelab.data.cli import data_app
@@ -35,6 +36,8 @@ app.add_typer(data_app, name="data", help="Prepare corpora: train a tokenizer, w
 app.add_typer(finetune_app, name="finetune",
               help="Fine-tune a checkpoint on chat / prompt-completion data: full, lora, plora, esft; merge results.")
 app.add_typer(esft_app, name="esft", help="Expert-Specialized Fine-Tuning: score, select, train, merge experts.")
+app.add_typer(analyze_app, name="analyze",
+              help="Look inside a model: routing statistics, parameter activation and pruning, number probes.")
 app.add_typer(scaling_app, name="scaling",
               help="DeepSeek LLM scaling laws: FLOPs per token, LR/batch/model/data for a budget, IsoFLOP sweeps.")
 
