@@ -25,6 +25,7 @@ from moelab.analysis.scaling_cli import scaling_app
 from moelab.cli_utils import err, friendly
 from moelab.data.cli import data_app
 from moelab.errors import MoelabError
+from moelab.evaluate.cli import eval_app
 from moelab.tune.cli import finetune_app
 from moelab.tune.esft_cli import esft_app
 
@@ -38,6 +39,8 @@ app.add_typer(finetune_app, name="finetune",
 app.add_typer(esft_app, name="esft", help="Expert-Specialized Fine-Tuning: score, select, train, merge experts.")
 app.add_typer(analyze_app, name="analyze",
               help="Look inside a model: routing statistics, parameter activation and pruning, number probes.")
+app.add_typer(eval_app, name="eval",
+              help="Measure a model: perplexity / bits per byte, task harness, the UMP evaluation with the CCC prompt.")
 app.add_typer(scaling_app, name="scaling",
               help="DeepSeek LLM scaling laws: FLOPs per token, LR/batch/model/data for a budget, IsoFLOP sweeps.")
 
