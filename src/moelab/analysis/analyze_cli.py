@@ -24,10 +24,10 @@ from moelab.cli_utils import err, friendly
 analyze_app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Look inside a model: routed-expert load and overlap between datasets; gradient-based parameter "
-         "activation, LLMDcos and activation-guided Wanda pruning.",
+         "activation, LLMDcos and activation-guided Wanda pruning; linear number probes.",
 )
-# Commands: routing, activation (below). A `probes` command (linear number probes, METHODS §8) is to be
-# added to this app by its own module's author.
+# Commands: routing, activation (below) and probes (linear number probes, METHODS §8: probes_cli.py,
+# registered at the end of this file).
 
 _Model = Annotated[str, typer.Argument(help="'smollm2' or a checkpoint directory.", show_default=False)]
 _Out = Annotated[Path, typer.Option("--out", "-o", help="Directory for the JSON and PNG files.")]
@@ -346,3 +346,12 @@ def _activation_tables(result, counts, sizes, curves) -> None:
             p.add_row(r["method"], f"{r['sparsity']:.2f}", f"{r['achieved']:.4f}", f"{r['ppl']:.3f}",
                       f"{r['seconds']:.1f}")
         con.print(p)
+
+
+def _register_probes() -> None:
+    from moelab.analysis.probes_cli import probes
+
+    analyze_app.command("probes")(probes)
+
+
+_register_probes()
