@@ -181,3 +181,22 @@ def test_config_errors(setup, tmp_path):
     moelab.save(DeepSeekForCausalLM.from_config(make_config(MODEL)), no_tok)
     with pytest.raises(CheckpointError, match="no tokenizer.json"):
         finetune(cfg_for({**setup, "base": no_tok}, "full"), tmp_path / "r", progress=False)
+
+
+def test_cli_esft_train_equals_finetune_esft(setup, tmp_path):
+    from moelab.tune.esft import write_expert_config
+
+    ecfg = write_expert_config({"experts": {"1": [0, 3]}, "shared_experts": False, "non_expert_modules": False},
+                               tmp_path / "cfg.json")
+    runner = CliRunner()
+    r = runner.invoke(app, ["esft", "train", str(_toml(tmp_path, setup)), "--experts", str(ecfg),
+                            "--out", str(tmp_path / "a"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["finetune", "esft", str(_toml(tmp_path, setup)), "--set", f"esft.expert_config={ecfg}",
+                            "--out", str(tmp_path / "b"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert a == b and 2 in a                  # identical runs, through to the last step
+    r = runner.invoke(app, ["esft", "train", str(_toml(tmp_path, setup)), "--experts", str(tmp_path / "missing.json"),
+                            "--out", str(tmp_path / "c")])
+    assert r.exit_code == 1 and "missing.json" in r.output
