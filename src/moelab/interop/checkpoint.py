@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from safetensors.torch import save_file
 
 from moelab.config import ModelConfig
 from moelab.errors import CheckpointError
+from moelab.interop.atomic import write_dir
 from moelab.interop.hf_config import config_to_hf, hf_compatibility_warnings, read_config_json
 from moelab.model.transformer import DeepSeekForCausalLM
 
@@ -307,26 +307,7 @@ def save(model: DeepSeekForCausalLM, path: str | os.PathLike, *, max_shard_size:
         raise CheckpointError(f"{out} exists and is a file; give a directory path")
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; pass overwrite=True or choose another path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        _write(model, tmp, _parse_size(max_shard_size), tokenizer)
-        tmp.chmod(0o755)  # mkdtemp makes the directory private; a checkpoint is meant to be shared
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            try:
-                tmp.rename(out)
-            except BaseException:
-                old.rename(out)  # put the previous checkpoint back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_dir(out, lambda tmp: _write(model, tmp, _parse_size(max_shard_size), tokenizer))
 
 
 def _write(model: DeepSeekForCausalLM, directory: Path, shard_bytes: int, tokenizer) -> None:

@@ -70,7 +70,6 @@ import json
 import math
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -82,6 +81,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from moelab.errors import CheckpointError, ConfigError, DataError, did_you_mean
+from moelab.interop.atomic import write_dir
 from moelab.model.moe import DeepSeekMoE
 from moelab.model.transformer import DeepSeekForCausalLM
 
@@ -649,31 +649,11 @@ def save_esft(model: DeepSeekForCausalLM, expert_config: dict | None, out_dir: s
         if any(out.iterdir()) and not (out / EXPERT_CONFIG).is_file():
             raise CheckpointError(f"{out} exists and is not an ESFT directory (no {EXPERT_CONFIG}); "
                                   "choose another path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / EXPERT_CONFIG).write_text(json.dumps(cfg) + "\n", encoding="utf-8")
-        tmp.chmod(0o755)
-        _install_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
-
-def _install_dir(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    return write_dir(out, write)
 
 
 def load_esft_into(model: DeepSeekForCausalLM, esft_dir: str | os.PathLike) -> dict:

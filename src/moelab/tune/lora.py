@@ -49,8 +49,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -63,6 +61,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moelab.errors import CheckpointError, ConfigError
+from moelab.interop.atomic import write_dir
 from moelab.model.experts import RoutedExperts
 
 #: The default ``target_modules``: every attention projection (MLA and MHA/GQA names), the dense MLP,
@@ -672,27 +671,11 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is a file; give a directory path for the adapter")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        tmp.chmod(0o755)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            try:
-                tmp.rename(out)
-            except BaseException:
-                old.rename(out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_dir(out, write)
 
 
 def _read_adapter_config(directory: Path) -> dict:
