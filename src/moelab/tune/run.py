@@ -157,8 +157,6 @@ def finetune(cfg: FinetuneConfig, run_dir: str | os.PathLike, resume: bool = Fal
     """Fine-tune as configured; returns the run result and a summary (trainable parameters, data, sizes)."""
     run_dir = Path(run_dir)
     job, summary = build_job(cfg)
-    if job.train_data.seq_len != cfg.data.seq_len:  # pragma: no cover (packed for this seq_len)
-        raise TrainingError("internal: SFT rows packed for another seq_len")
     result = fit(job, cfg.train, cfg.balance, cfg.data.seq_len, run_dir, resume=resume, progress=progress,
                  on_event=on_event)
     if result.status == "finished":
