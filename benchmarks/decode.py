@@ -7,8 +7,8 @@ One Hugging Face checkpoint (the demo architecture with an 8K context, random we
 both. For each (batch, context) the prompt is prefilled (moelab: in chunks of ``--chunk``) and
 ``--new`` tokens are generated greedily; every generated token is timestamped (a transformers
 streamer, moelab's ``on_token``), and decode tokens/s = batch·(new − 1) / (last − first token time),
-so prefill is not counted. Median of ``--reps``. Prints the cache bytes per token next to the MHA
-equivalent, and ends with one ``RESULT`` line.
+so prefill is not counted. Median of ``--reps``, interleaved (ours, transformers, ours, ...). Prints
+the cache bytes per token next to the MHA equivalent, and ends with one ``RESULT`` line.
 """
 
 from __future__ import annotations
@@ -51,13 +51,16 @@ class Clock:
         return self.times[-1] - self.times[0]
 
 
-def decode_rate(run, batch: int, new: int, reps: int) -> float:
-    rates = []
-    for _ in range(reps + 1):                   # the first run warms up
-        clock = Clock()
-        run(clock)
-        rates.append(batch * (new - 1) / clock.decode_seconds())
-    return statistics.median(rates[1:])
+def decode_rates(runs, batch: int, new: int, reps: int) -> list[float]:
+    """Median decode tokens/s of each run; repetitions are interleaved (a, b, a, b, ...) so drift on a
+    shared machine hits every run alike. The first round warms up."""
+    rates: list[list[float]] = [[] for _ in runs]
+    for _ in range(reps + 1):
+        for i, run in enumerate(runs):
+            clock = Clock()
+            run(clock)
+            rates[i].append(batch * (new - 1) / clock.decode_seconds())
+    return [statistics.median(r[1:]) for r in rates]
 
 
 def main() -> None:
@@ -67,7 +70,7 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[512, 4096])
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--chunk", type=int, default=512)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -100,8 +103,7 @@ def main() -> None:
                                        eos_token_id=None, pad_token_id=0, streamer=clock)
 
             same = torch.equal(ours_run(Clock(), 4), hf_run(Clock(), 4))
-            ours_tps = decode_rate(ours_run, B, args.new, args.reps)
-            hf_tps = decode_rate(hf_run, B, args.new, args.reps)
+            ours_tps, hf_tps = decode_rates([ours_run, hf_run], B, args.new, args.reps)
             print(f"| {B} | {ctx} | {ours_tps:,.1f} | {hf_tps:,.1f} | {ours_tps / hf_tps:.2f}x | {'yes' if same else 'no'} |",
                   flush=True)
             summary[f"b{B}_ctx{ctx}_ratio"] = ours_tps / hf_tps

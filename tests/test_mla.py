@@ -67,8 +67,9 @@ def test_cache_holds_only_latent_and_rope_key():
     per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim                     # 32 + 8 = 40
     assert cache.elems_per_token() == per_layer * cfg.num_hidden_layers
     assert cache.elems_per_token() == cfg.cache_elems_per_token()
-    c_kv, k_pe = cache.layer_tensors(0)
-    assert c_kv.shape == (3, 9, 32) and k_pe.shape == (3, 9, 8)
+    (kv,) = cache.layer_tensors(0)                                          # [c_KV | k_pe] side by side
+    assert kv.shape == (3, 9, 40)
+    c_kv = kv[..., :32]
     # the cached latent is the normalised one: RMS of each row equals the norm weight (ones) scale
     rms = c_kv.pow(2).mean(-1).sqrt()
     torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-3, rtol=0)

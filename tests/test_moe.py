@@ -145,6 +145,21 @@ def test_expert_kernels_match_per_token_loop_with_gradients(impl):
     assert grads[2][12:].abs().sum() == 0  # unused experts get zero gradient
 
 
+@pytest.mark.parametrize("n_tokens", [1, 3])
+@torch.no_grad()
+def test_few_token_decode_path_matches_per_token_loop(n_tokens):
+    """N·K < E without autograd (decoding) takes the gathered-weights path; a repeated expert in a
+    row and the same expert across tokens must both work."""
+    experts = RoutedExperts(make_config(BASE | {"expert_impl": "fused"}))
+    experts.reset_parameters(0.3)
+    x = torch.randn(n_tokens, 32)
+    idx = torch.stack([torch.randperm(16)[:4] for _ in range(n_tokens)])
+    idx[-1, 0] = idx[0, 1]                       # the same expert for two tokens
+    gates = torch.rand(n_tokens, 4)
+    assert idx.numel() < experts.n_experts
+    torch.testing.assert_close(experts(x, idx, gates), per_token_experts(x, idx, gates, experts), atol=1e-5, rtol=1e-5)
+
+
 def test_one_shared_mlp_of_width_2i_equals_two_split_experts():
     wide = SwiGLU(32, 16)
     a, b = SwiGLU(32, 8), SwiGLU(32, 8)

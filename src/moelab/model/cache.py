@@ -1,8 +1,8 @@
 """The decoding cache.
 
-For MLA each layer stores only what absorbed attention needs: the normalised latent ``c_KV``
-``[B, S, kv_lora_rank]`` and the rotated, head-shared RoPE key ``k_pe`` ``[B, S, qk_rope_head_dim]``
-— ``kv_lora_rank + qk_rope_head_dim`` values per token per layer, never expanded K/V (METHODS.md §4).
+For MLA each layer stores only what absorbed attention needs, in one buffer: the normalised latent
+``c_KV`` and the rotated, head-shared RoPE key ``k_pe`` side by side, ``[B, S, kv_lora_rank +
+qk_rope_head_dim]`` — never expanded K/V (METHODS.md §4).
 For MHA/GQA it stores rotated keys and values ``[B, S, H_kv, D]``.
 
 Storage grows by doubling, so appending one token is amortised O(1) copies.

@@ -100,9 +100,7 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         if indices.numel() < self.n_experts and not torch.is_grad_enabled():
-            # decoding a few tokens: visit only the experts that got one (grouped kernels visit all E)
-            plan = permute(indices, gates, self.n_experts)
-            return unpermute(self._loop(dispatch(x, plan), plan.counts), plan, x.shape[0])
+            return self._few_tokens(x, indices, gates)
         if self.impl == "fused" and _grouped_mm_ok(x, self.inner):
             plan = permute(indices, gates, self.n_experts)
             offs = torch.cumsum(plan.counts, 0).to(torch.int32)
@@ -120,6 +118,20 @@ class RoutedExperts(nn.Module):
         if self.impl in ("grouped_mm", "fused") and x_slots.shape[0] > 0 and _grouped_mm_ok(x_slots, self.inner):
             return self._grouped(x_slots, plan.counts)
         return self._loop(x_slots, plan.counts)
+
+    def _few_tokens(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Decoding a few tokens (N·K < E, no autograd): gather the N·K chosen experts' weights and run
+        two batched GEMVs — a handful of ops, no host sync, where the grouped kernels would visit all E
+        experts and the loop would issue 2 GEMMs per expert. Per-slot outputs are gated in fp32 and summed
+        over k, as :func:`unpermute` does. x ``[N, H]``, indices/gates ``[N, K]`` -> ``[N, H]``."""
+        N, K = indices.shape
+        flat = indices.reshape(-1)
+        x_s = x[:, None, :].expand(N, K, x.shape[1]).reshape(N * K, 1, x.shape[1])         # [NK, 1, H]
+        h = torch.bmm(x_s, self.gate_up_proj.index_select(0, flat).transpose(1, 2))           # [NK, 1, 2I]
+        a = F.silu(h[..., :self.inner]) * h[..., self.inner:]
+        y = torch.bmm(a, self.down_proj.index_select(0, flat).transpose(1, 2))                # [NK, 1, H]
+        y = (y.view(N, K, -1).to(torch.float32) * gates.to(torch.float32)[..., None]).to(x.dtype)
+        return y.sum(dim=1)
 
     def _loop(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         outs = []

@@ -16,7 +16,8 @@ Two equal ways to attend (``attn_impl``):
 * ``auto`` (default): naive for multi-token forwards (training, prefill: scores cost ``P+R`` per
   head instead of ``C+R``), absorbed for one-token decode steps (no re-expansion of the prefix).
 
-Either way the cache holds only ``c_KV`` and the rotated ``k_pe`` (C + R values per token).
+Either way the cache holds only ``[c_KV | k_pe]`` (one ``[B, S, C+R]`` buffer per layer, so the
+absorbed keys are the cache itself and the values a view of it: nothing is copied per step).
 """
 
 from __future__ import annotations
@@ -70,20 +71,23 @@ class MultiHeadLatentAttention(nn.Module):
         q_pe = apply_rope(q_pe, cos, sin, self.interleave)                      # [B, T, N, R]
 
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)                                        # [B, T, C]
         k_pe = apply_rope(k_pe, cos, sin, self.interleave)                      # [B, T, R]
+        kv = torch.cat((self.kv_a_layernorm(c_kv), k_pe), dim=-1)               # [B, T, C+R]
         if cache is not None:
-            c_kv, k_pe = cache.update(self.layer_idx, c_kv, k_pe)               # [B, S, C], [B, S, R]
+            (kv,) = cache.update(self.layer_idx, kv)                            # [B, S, C+R]
 
         if self.impl == "naive" or (self.impl == "auto" and T > 1):
-            out = self._naive(q_nope, q_pe, c_kv, k_pe, mask)
+            out = self._naive(q_nope, q_pe, kv, mask)
+        elif T == 1:
+            out = self._absorbed_step(q_nope, q_pe, kv, mask)
         else:
-            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+            out = self._absorbed(q_nope, q_pe, kv, mask)
         return self.o_proj(out.reshape(B, T, N * self.v_dim))
 
-    def _naive(self, q_nope, q_pe, c_kv, k_pe, mask):
-        B, S, _ = c_kv.shape
+    def _naive(self, q_nope, q_pe, kv_lat, mask):
+        B, S, _ = kv_lat.shape
         N = self.n_heads
+        c_kv, k_pe = kv_lat.split([self.kv_rank, self.rope], dim=-1)
         kv = self.kv_b_proj(c_kv).view(B, S, N, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, S, N, self.rope)), dim=-1)   # [B, S, N, P+R]
@@ -92,17 +96,36 @@ class MultiHeadLatentAttention(nn.Module):
                                            attn_mask=mask, scale=self.scale)                # [B, N, T, V]
         return o.transpose(1, 2)                                                            # [B, T, N, V]
 
-    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+    def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_UK`` ``[N, P, C]`` and ``W_UV`` ``[N, V, C]``: views of ``kv_b_proj.weight``."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
+        return w[:, :self.nope], w[:, self.nope:]
+
+    def _absorbed(self, q_nope, q_pe, kv, mask):
         B, T, N, _ = q_nope.shape
-        w = self.kv_b_proj.weight.view(N, self.nope + self.v_dim, self.kv_rank)
-        w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]                        # [N, P, C], [N, V, C]
+        w_uk, w_uv = self._up_weights()
         q_lat = torch.einsum("btnp,npc->btnc", q_nope, w_uk)                   # [B, T, N, C]
         # All heads share one key/value "head" (the latent), so fold heads into query rows:
         # row t*N + n attends with query (t, n) against [c_KV | k_pe].
         q = torch.cat((q_lat, q_pe), dim=-1).reshape(B, 1, T * N, self.kv_rank + self.rope)
-        k = torch.cat((c_kv, k_pe), dim=-1)[:, None]                            # [B, 1, S, C+R]
         if mask is not None:
             mask = mask.repeat_interleave(N, dim=2)                             # [B|1, 1, T*N, S]
-        o_lat = F.scaled_dot_product_attention(q, k, c_kv[:, None], attn_mask=mask, scale=self.scale)
+        o_lat = F.scaled_dot_product_attention(q, kv[:, None], kv[:, None, :, :self.kv_rank], attn_mask=mask,
+                                               scale=self.scale)
         o_lat = o_lat.view(B, T, N, self.kv_rank)
         return torch.einsum("btnc,nvc->btnv", o_lat, w_uv)                      # [B, T, N, V]
+
+    def _absorbed_step(self, q_nope, q_pe, kv, mask):
+        """One decode step (T = 1), the same math as :meth:`_absorbed` in fewer, batched ops: per step
+        the cost is dominated by op count, not FLOPs. kv ``[B, S, C+R]`` -> ``[B, 1, N, V]``."""
+        B, _, N, _ = q_nope.shape
+        w_uk, w_uv = self._up_weights()
+        q_lat = torch.bmm(q_nope.view(B, N, self.nope).transpose(0, 1), w_uk)   # [N, B, C]
+        q = torch.cat((q_lat.transpose(0, 1), q_pe.view(B, N, self.rope)), dim=-1)        # [B, N, C+R]
+        scores = torch.bmm(q * self.scale, kv.transpose(1, 2))                  # [B, N, S]
+        if mask is not None:                                                    # [B|1, 1, 1, S]
+            scores = scores.masked_fill(~mask[:, 0], float("-inf"))
+        p = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
+        o_lat = torch.bmm(p, kv[:, :, :self.kv_rank])                           # [B, N, C]
+        o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2))              # [N, B, V]
+        return o.transpose(0, 1)[:, None]                                        # [B, 1, N, V]
