@@ -6,7 +6,7 @@
 Both models are loaded from one Hugging Face checkpoint written by moelab (random weights), so they
 compute the same function. A step is batch × seq_len tokens through forward, cross-entropy, backward
 and ``torch.optim.AdamW.step``; fp32, or bf16 autocast with fp32 weights. Median of ``--reps`` steps
-after two warm-up steps. Ends with one ``RESULT`` line (tokens/s and the moelab/transformers ratio).
+after ``--warmup`` untimed ones, the two models' steps interleaved. Ends with one ``RESULT`` line (tokens/s and the moelab/transformers ratio).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ CONFIGS = {
 }
 
 
-def step_time(model, ids, dtype: str, reps: int, hf: bool) -> float:
+def make_step(model, ids, dtype: str):
+    """One training step of ``model`` (forward, cross-entropy, backward, AdamW) as a closure."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     x, y = ids[:, :-1], ids[:, 1:]
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" else nullcontext
@@ -47,14 +48,22 @@ def step_time(model, ids, dtype: str, reps: int, hf: bool) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):
-        once()
-    times = []
+    return once
+
+
+def step_times(steps: list, reps: int, warmup: int) -> list[float]:
+    """Median seconds per step of each closure; steps are interleaved (a, b, a, b, ...) after the
+    warm-up, so drift on a shared machine hits every model alike."""
+    for once in steps:
+        for _ in range(warmup):
+            once()
+    times: list[list[float]] = [[] for _ in steps]
     for _ in range(reps):
-        t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for i, once in enumerate(steps):
+            t0 = time.perf_counter()
+            once()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -63,7 +72,8 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps per model first (kernel caches fill)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile-experts", action="store_true",
                     help="torch.compile the expert activation math (compile time is spent in the warm-up steps)")
@@ -86,8 +96,7 @@ def main() -> None:
         ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1))
         tokens = args.batch * args.seq_len
         for dt in args.dtypes:
-            t_ours = step_time(ours, ids, dt, args.reps, hf=False)
-            t_hf = step_time(hf, ids, dt, args.reps, hf=True)
+            t_ours, t_hf = step_times([make_step(ours, ids, dt), make_step(hf, ids, dt)], args.reps, args.warmup)
             ratio = t_hf / t_ours
             print(f"| {name} | {n_params / 1e6:.1f}M | {dt} | {tokens / t_ours:,.0f} | {tokens / t_hf:,.0f} | "
                   f"{ratio:.2f}x |", flush=True)

@@ -279,7 +279,7 @@ def test_compiled_fused_kernel_matches_the_loop():
 
 @pytest.mark.parametrize("impl", ["grouped_mm", "fused"])
 def test_grouped_kernels_under_cpu_autocast(impl):
-    """On the CPU the grouped kernels keep fp32 under autocast (measured faster); results and
+    """Under CPU autocast the grouped kernels compute in bf16 over 16-row-aligned groups; results and
     gradient dtypes must still be right."""
     cfg = make_config(BASE | {"expert_impl": impl})
     ref = RoutedExperts(make_config(BASE | {"expert_impl": "loop"}))
@@ -295,3 +295,32 @@ def test_grouped_kernels_under_cpu_autocast(impl):
     torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.05)
     got.float().sum().backward()
     assert x.grad.dtype == torch.float32 and m.gate_up_proj.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("align", [1, 16])
+def test_aligned_plan_adds_zero_gate_slots_and_changes_nothing(align):
+    """Groups rounded up to ``align`` rows (bf16 on the CPU): padding slots read token 0 with gate 0,
+    so output and every gradient equal the per-token loop, through both grouped kernels."""
+    from moelab.model.experts import FusedGroupedExperts, dispatch, permute, unpermute
+
+    experts = RoutedExperts(make_config(BASE | {"expert_impl": "grouped_mm"}))
+    experts.reset_parameters(0.3)
+    x = torch.randn(40, 32, requires_grad=True)
+    idx = torch.stack([torch.randperm(12)[:4] for _ in range(40)])  # experts 12..15 get no tokens
+    gates = torch.rand(40, 4, requires_grad=True)
+    plan = permute(idx, gates, 16, align=align)
+    assert torch.equal(plan.counts, torch.bincount(idx.flatten(), minlength=16))
+    assert (plan.rows % align == 0).all() and (plan.rows >= plan.counts).all()
+    assert (plan.rows - plan.counts < align).all() and int(plan.rows[12:].sum()) == 0
+    n_pad = int((plan.rows - plan.counts).sum())
+    assert int((plan.gate == 0).sum()) >= n_pad and plan.token.numel() == idx.numel() + n_pad
+    params = (x, gates, experts.gate_up_proj, experts.down_proj)
+    ref = per_token_experts(x, idx, gates, experts)
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, params, g)
+    offs = torch.cumsum(plan.rows, 0).to(torch.int32)
+    for got in (unpermute(experts._grouped(dispatch(x, plan), plan.rows), plan, 40),
+                FusedGroupedExperts.apply(x, plan.token, plan.gate, offs, experts.gate_up_proj, experts.down_proj)):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        for a, b in zip(torch.autograd.grad(got, params, g, retain_graph=True), ref_grads, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

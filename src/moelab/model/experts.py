@@ -40,31 +40,54 @@ from moelab.config import ModelConfig
 class Plan:
     """Where each routed (token, expert) pair goes."""
 
-    token: torch.Tensor        # [S] int64 source token of each slot (N marks a padding slot)
+    token: torch.Tensor        # [S] int64 source token of each slot (padding: N, or 0 when aligned)
     gate: torch.Tensor         # [S] fp32 gate of each slot (0 for padding)
     counts: torch.Tensor       # [E] int64 routed rows per expert
-    capacity: int | None       # C when slots are padded to [E, C], None when packed (S = M)
+    capacity: int | None       # C when slots are padded to [E, C], None otherwise
+    segments: torch.Tensor | None = None  # [E] slots per expert when aligned (counts rounded up)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """Slots per expert ``[E]`` — the group sizes a grouped kernel sees."""
+        return self.counts if self.segments is None else self.segments
 
 
-def permute(indices: torch.Tensor, gates: torch.Tensor, n_experts: int, padded: bool = False) -> Plan:
+# Row alignment of each expert's group for bf16/fp16 grouped GEMMs on the CPU. oneDNN builds (JIT) a
+# kernel per GEMM shape; the per-expert row counts change every step, so unaligned groups keep
+# building new kernels (measured: 2.09 vs 1.22 ms per tiny-config grouped GEMM) and, over a run,
+# overflow its primitive cache. Rounding groups up to 16 rows bounds the shapes; padding slots read
+# token 0 with gate 0, so they add exactly zero (and get zero gradient). fp32 (MKL) needs none.
+LOWP_CPU_ALIGN = 16
+
+
+def permute(indices: torch.Tensor, gates: torch.Tensor, n_experts: int, padded: bool = False,
+            align: int = 1) -> Plan:
     """Group the N·K routed pairs by expert (stable, so the order is deterministic).
 
-    indices, gates ``[N, K]`` -> :class:`Plan` with packed slots (``S = N·K``) or, if ``padded``,
-    ``S = E·C`` slots with ``C = max(counts)``.
+    indices, gates ``[N, K]`` -> :class:`Plan` with packed slots (``S = N·K``); if ``padded``,
+    ``S = E·C`` slots with ``C = max(counts)``; if ``align > 1``, each expert's group rounded up to a
+    multiple of ``align`` slots.
     """
     N, K = indices.shape
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)                                    # [M]
     counts = torch.bincount(flat, minlength=n_experts)
     token, gate = order // K, gates.reshape(-1)[order].to(torch.float32)
-    if not padded:
+    if not padded and align <= 1:
         return Plan(token, gate, counts, None)
-    C = int(counts.max())
+    if padded:
+        C = int(counts.max())
+        seg = torch.full_like(counts, C)
+    else:
+        C, seg = None, (counts + align - 1) // align * align
     expert = flat[order]                                                        # [M] sorted expert ids
-    slot = expert * C + torch.arange(flat.numel(), device=flat.device) - (torch.cumsum(counts, 0) - counts)[expert]
-    token_s = torch.full((n_experts * C,), N, dtype=torch.long, device=flat.device).index_copy_(0, slot, token)
-    gate_s = torch.zeros(n_experts * C, dtype=torch.float32, device=flat.device).index_copy_(0, slot, gate)
-    return Plan(token_s, gate_s, counts, C)
+    slot = (torch.cumsum(seg, 0) - seg)[expert] + torch.arange(flat.numel(), device=flat.device) \
+        - (torch.cumsum(counts, 0) - counts)[expert]
+    S = int(seg.sum())
+    pad_token = N if padded else 0
+    token_s = torch.full((S,), pad_token, dtype=torch.long, device=flat.device).index_copy_(0, slot, token)
+    gate_s = torch.zeros(S, dtype=torch.float32, device=flat.device).index_copy_(0, slot, gate)
+    return Plan(token_s, gate_s, counts, C, None if padded else seg)
 
 
 def dispatch(x: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -101,13 +124,15 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         if indices.numel() < self.n_experts and not torch.is_grad_enabled():
             return self._few_tokens(x, indices, gates)
+        dt = _autocast_dtype(x) or x.dtype
+        align = LOWP_CPU_ALIGN if x.device.type == "cpu" and dt in (torch.bfloat16, torch.float16) else 1
         if self.impl == "fused" and _grouped_mm_ok(x, self.inner):
-            plan = permute(indices, gates, self.n_experts)
-            offs = torch.cumsum(plan.counts, 0).to(torch.int32)
+            plan = permute(indices, gates, self.n_experts, align=align)
+            offs = torch.cumsum(plan.rows, 0).to(torch.int32)
             return FusedGroupedExperts.apply(x, plan.token, plan.gate, offs, self.gate_up_proj, self.down_proj,
                                              self.compile, _autocast_dtype(x))
         padded = self.impl == "padded_bmm" or (self.impl == "fused" and x.is_cuda)
-        plan = permute(indices, gates, self.n_experts, padded=padded)
+        plan = permute(indices, gates, self.n_experts, padded=padded, align=align if self.impl == "grouped_mm" else 1)
         y = self.compute(dispatch(x, plan), plan)
         return unpermute(y, plan, x.shape[0])
 
@@ -116,8 +141,8 @@ class RoutedExperts(nn.Module):
         if plan.capacity is not None:
             return self._padded(x_slots, plan.capacity)
         if self.impl in ("grouped_mm", "fused") and x_slots.shape[0] > 0 and _grouped_mm_ok(x_slots, self.inner):
-            return self._grouped(x_slots, plan.counts)
-        return self._loop(x_slots, plan.counts)
+            return self._grouped(x_slots, plan.rows)
+        return self._loop(x_slots, plan.rows)
 
     def _few_tokens(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Decoding a few tokens (N·K < E, no autograd): gather the N·K chosen experts' weights and run
@@ -190,15 +215,10 @@ class PaddedSwiGLU(torch.autograd.Function):
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype the grouped kernels should compute in under autocast, or None to keep the inputs'.
-
-    ``grouped_mm`` is not on autocast's op lists, so on an accelerator the kernels cast themselves, as
-    autocast would for a linear layer. On the CPU they stay in fp32: there bf16 ``grouped_mm`` was no
-    faster and the per-step weight casts made a training step up to 1.6x slower
-    (``benchmarks/train_step.py``, tiny config: 6.5k vs 12.0k tokens/s).
-    """
+    """The dtype the grouped kernels compute in under autocast (as autocast would for a linear layer:
+    ``grouped_mm`` is not on its op lists), or None to keep the inputs'."""
     kind = x.device.type
-    if kind == "cpu" or not torch.is_autocast_enabled(kind):
+    if not torch.is_autocast_enabled(kind):
         return None
     return torch.get_autocast_dtype(kind)
 
