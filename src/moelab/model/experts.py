@@ -231,26 +231,33 @@ def _grouped_mm_ok(x: torch.Tensor, inner: int) -> bool:
     return x.shape[0] > 0 and (x.shape[1] * x.element_size()) % 16 == 0 and (inner * x.element_size()) % 16 == 0
 
 
+def _gated(a: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``a · gate`` row-wise with the product in fp32 (in place when ``a`` is fp32 already)."""
+    if a.dtype == torch.float32:
+        return a.mul_(gate[:, None])
+    return (a.to(torch.float32) * gate[:, None]).to(a.dtype)
+
+
 def _act_forward(h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """Gated SwiGLU activation: h ``[M, 2I]`` = [g | u], gate ``[M]`` fp32 -> ``silu(g)·u·gate`` ``[M, I]``."""
     I = h.shape[1] // 2
-    a = F.silu(h[:, :I]) * h[:, I:]
-    return (a.to(torch.float32) * gate[:, None]).to(h.dtype)
+    return _gated(F.silu(h[:, :I]).mul_(h[:, I:]), gate)
 
 
 def _act_backward(h: torch.Tensor, gate: torch.Tensor, da_g: torch.Tensor):
     """Gradients of :func:`_act_forward`: returns (dh ``[M, 2I]``, d_gate ``[M]`` fp32, the activation
-    ``[M, I]`` recomputed for the down-projection's weight gradient)."""
+    ``[M, I]`` recomputed for the down-projection's weight gradient). Few full passes over ``[M, I]``
+    (they are memory-bound): ``silu_backward`` gives d/dg in one, both halves are written in place."""
     I = h.shape[1] // 2
     g, u = h[:, :I], h[:, I:]
-    sig = torch.sigmoid(g)
-    silu = g * sig
+    silu = F.silu(g)
     a = silu * u
-    a_g = (a.to(torch.float32) * gate[:, None]).to(h.dtype)
     d_gate = (da_g.to(torch.float32) * a.to(torch.float32)).sum(dim=1)
-    da = (da_g.to(torch.float32) * gate[:, None]).to(h.dtype)
-    dh = torch.cat((da * u * (sig * (1 + g * (1 - sig))), da * silu), dim=1)   # d silu(g)/dg, d/du
-    return dh, d_gate, a_g
+    da = _gated(da_g.clone() if da_g.dtype == torch.float32 else da_g, gate)
+    dh = torch.empty_like(h)
+    torch.ops.aten.silu_backward.grad_input(da * u, g, grad_input=dh[:, :I])   # d silu(g)/dg
+    torch.mul(da, silu, out=dh[:, I:])
+    return dh, d_gate, _gated(a, gate)
 
 
 _compiled: dict[str, object] = {}
