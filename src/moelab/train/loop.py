@@ -241,8 +241,10 @@ def fit(job: Job, tc: TrainConfig, balance: BalanceConfig, seq_len: int, run_dir
     (run_dir / "config.json").write_text(job.config_json)
     model.train()
     balancer = Balancer(model, balance)
+    # fused: one multi-tensor kernel per step (CPU and CUDA); 7x faster than the per-parameter loop
+    # for ~100M fp32 parameters on the CPU (benchmarks/train_step.py notes)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas, eps=tc.eps,
-                                  fused=False)
+                                  fused=True)
     total_steps = tc.total_steps(seq_len)
     schedule = LRSchedule(total_steps=total_steps, peak_lr=tc.lr, schedule=tc.lr_schedule,
                           warmup_steps=min(tc.warmup_steps, total_steps - 1), min_lr_ratio=tc.min_lr_ratio,
