@@ -44,7 +44,7 @@ class Plan:
     gate: torch.Tensor         # [S] fp32 gate of each slot (0 for padding)
     counts: torch.Tensor       # [E] int64 routed rows per expert
     capacity: int | None       # C when slots are padded to [E, C], None otherwise
-    segments: torch.Tensor | None = None  # [E] slots per expert when aligned (counts rounded up)
+    segments: torch.Tensor | None = None  # [E] slots per expert when padded (C each) or aligned
 
     @property
     def rows(self) -> torch.Tensor:
@@ -87,7 +87,7 @@ def permute(indices: torch.Tensor, gates: torch.Tensor, n_experts: int, padded: 
     pad_token = N if padded else 0
     token_s = torch.full((S,), pad_token, dtype=torch.long, device=flat.device).index_copy_(0, slot, token)
     gate_s = torch.zeros(S, dtype=torch.float32, device=flat.device).index_copy_(0, slot, gate)
-    return Plan(token_s, gate_s, counts, C, None if padded else seg)
+    return Plan(token_s, gate_s, counts, C, seg)
 
 
 def dispatch(x: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -124,13 +124,14 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         if indices.numel() < self.n_experts and not torch.is_grad_enabled():
             return self._few_tokens(x, indices, gates)
-        dt = _autocast_dtype(x) or x.dtype
+        autocast_dt = _autocast_dtype(x)
+        dt = autocast_dt or x.dtype
         align = LOWP_CPU_ALIGN if x.device.type == "cpu" and dt in (torch.bfloat16, torch.float16) else 1
         if self.impl == "fused" and _grouped_mm_ok(x, self.inner):
             plan = permute(indices, gates, self.n_experts, align=align)
             offs = torch.cumsum(plan.rows, 0).to(torch.int32)
             return FusedGroupedExperts.apply(x, plan.token, plan.gate, offs, self.gate_up_proj, self.down_proj,
-                                             self.compile, _autocast_dtype(x))
+                                             self.compile, autocast_dt)
         padded = self.impl == "padded_bmm" or (self.impl == "fused" and x.is_cuda)
         plan = permute(indices, gates, self.n_experts, padded=padded, align=align if self.impl == "grouped_mm" else 1)
         y = self.compute(dispatch(x, plan), plan)
