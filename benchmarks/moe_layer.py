@@ -23,6 +23,7 @@ import torch
 from moelab.config import make_config
 from moelab.model.mlp import SwiGLU
 from moelab.model.moe import DeepSeekMoE
+from moelab.train.host_memory import keep_freed_host_memory
 
 SHAPES = {"small": (256, 128), "large": (1024, 256)}
 E, K, SHARED, TOKENS = 64, 6, 2, 4096
@@ -129,8 +130,13 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--host-memory", choices=["keep", "release"], default="keep",
+                    help="keep: glibc reuses freed blocks, as moelab's trainer sets (process-wide, so the peer "
+                         "gets it too); release: glibc's default, big blocks page-fault afresh every step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.host_memory == "keep":
+        keep_freed_host_memory()
     summary = {}
     for shape in args.shapes:
         for dt in args.dtypes:

@@ -7,13 +7,17 @@ Both models are loaded from one Hugging Face checkpoint written by moelab (rando
 compute the same function. A step is batch × seq_len tokens through forward, cross-entropy, backward
 and ``torch.optim.AdamW(fused=True).step`` (what moelab's trainer and transformers' Trainer default
 to); fp32, or bf16 autocast with fp32 weights. Median of ``--reps`` steps after ``--warmup`` untimed
-ones, the two models' steps interleaved. Ends with one ``RESULT`` line (tokens/s and the
-moelab/transformers ratio).
+ones, the models' steps interleaved. Each model runs in its own process, so ``--host-memory`` can
+give each the allocator setting its library ships with (the default) or all the same one. A third model, the *dense limit* (:func:`dense_limit`: every MoE
+layer a dense SwiGLU of the active width), bounds what any MoE implementation can reach: the ratio
+bound column is transformers' step time over its. Ends with one ``RESULT`` line (tokens/s, the
+moelab/transformers ratio and the bound).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import statistics
 import tempfile
 import time
@@ -23,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 import moelab
-from moelab.config import load_model_config
+from moelab.config import ModelConfig, load_model_config
 from moelab.model.transformer import DeepSeekForCausalLM
+from moelab.train.host_memory import keep_freed_host_memory
 
 CONFIGS = {
     "tiny": ("configs/tiny.toml", {}),
@@ -36,6 +41,14 @@ CONFIGS = {
                                        moe_intermediate_size=256, n_group=4, topk_group=2, q_lora_rank=256,
                                        kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64)),
 }
+
+
+def dense_limit(cfg):
+    """The same model with every MoE layer replaced by a dense SwiGLU of the MoE layers' active width
+    ``(top-k + shared)·moe_intermediate_size`` (the dense first layers take that width too): a bound no
+    MoE implementation can beat, since it does the active FLOPs with no routing and full-size GEMMs."""
+    width = (cfg.num_experts_per_tok + cfg.n_shared_experts) * cfg.moe_intermediate_size
+    return cfg.model_copy(update=dict(first_k_dense_replace=cfg.num_hidden_layers, intermediate_size=width))
 
 
 def make_step(model, ids, dtype: str):
@@ -55,19 +68,52 @@ def make_step(model, ids, dtype: str):
     return once
 
 
-def step_times(steps: list, reps: int, warmup: int) -> list[float]:
-    """Median seconds per step of each closure; steps are interleaved (a, b, a, b, ...) after the
-    warm-up, so drift on a shared machine hits every model alike."""
-    for once in steps:
-        for _ in range(warmup):
-            once()
-    times: list[list[float]] = [[] for _ in steps]
-    for _ in range(reps):
-        for i, once in enumerate(steps):
+def _worker(conn, kind: str, source: str, cfg_json: str, ids: torch.Tensor, threads: int, keep: bool) -> None:
+    """One model in its own process (so each gets its own allocator setting): builds it, then runs
+    ``(dtype, n)`` requests — n steps, their seconds sent back — until it receives None."""
+    torch.set_num_threads(threads)
+    if keep:
+        keep_freed_host_memory()
+    if kind == "transformers":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    elif kind == "moelab":
+        model = moelab.load(source, dtype=torch.float32)
+    else:  # the dense limit, freshly initialised (its speed does not depend on the weights)
+        model = DeepSeekForCausalLM.from_config(ModelConfig.model_validate_json(cfg_json), seed=0)
+    model.train()
+    conn.send(sum(p.numel() for p in model.parameters()))
+    steps = {}
+    while (req := conn.recv()) is not None:
+        dt, n = req
+        once = steps.setdefault(dt, make_step(model, ids, dt))
+        times = []
+        for _ in range(n):
             t0 = time.perf_counter()
             once()
-            times[i].append(time.perf_counter() - t0)
+            times.append(time.perf_counter() - t0)
+        conn.send(times)
+
+
+def step_times(conns: list, dtype: str, reps: int, warmup: int) -> list[float]:
+    """Median seconds per step of each worker; one step at a time, interleaved (a, b, c, a, b, c, ...)
+    after the warm-up, so drift on a shared machine hits every model alike and no two ever overlap."""
+    for c in conns:
+        c.send((dtype, warmup))
+        c.recv()
+    times: list[list[float]] = [[] for _ in conns]
+    for _ in range(reps):
+        for i, c in enumerate(conns):
+            c.send((dtype, 1))
+            times[i] += c.recv()
     return [statistics.median(t) for t in times]
+
+
+# which processes keep freed host memory (moelab.train.host_memory), per --host-memory
+KEEP = {"shipped": {"moelab": True, "transformers": False, "dense": True},
+        "keep": {"moelab": True, "transformers": True, "dense": True},
+        "release": {"moelab": False, "transformers": False, "dense": False}}
 
 
 def main() -> None:
@@ -79,34 +125,51 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps per model first (kernel caches fill)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--host-memory", choices=list(KEEP), default="shipped",
+                    help="shipped: each library as its users run it — moelab's trainer keeps freed host memory "
+                         "for reuse (moelab.train.host_memory), a transformers process has glibc's default; "
+                         "keep / release: the same setting for all (equal footing)")
     ap.add_argument("--compile-experts", action="store_true",
                     help="torch.compile the expert activation math (compile time is spent in the warm-up steps)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM
+    ctx = mp.get_context("spawn")
 
     summary = {}
-    print("| config | params | dtype | moelab tokens/s | transformers tokens/s | ratio |")
-    print("|---|---|---|---|---|---|")
+    print(f"host memory: {args.host_memory} ({', '.join(f'{k} ' + ('keeps' if v else 'releases') for k, v in KEEP[args.host_memory].items())})\n")
+    print("| config | params | dtype | moelab tokens/s | transformers tokens/s | ratio | dense-limit tokens/s "
+          "| ratio bound (dense limit vs transformers) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.configs:
         path, overrides = CONFIGS[name]
         cfg = load_model_config(path).model_copy(update=overrides | {"compile_experts": args.compile_experts})
         cfg = type(cfg)(**cfg.model_dump())
-        with tempfile.TemporaryDirectory() as tmp:
-            moelab.save(DeepSeekForCausalLM.from_config(cfg, seed=0), tmp)
-            ours = moelab.load(tmp, dtype=torch.float32).train()
-            hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).train()
-        n_params = sum(p.numel() for p in ours.parameters())
         ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1))
         tokens = args.batch * args.seq_len
-        for dt in args.dtypes:
-            t_ours, t_hf = step_times([make_step(ours, ids, dt), make_step(hf, ids, dt)], args.reps, args.warmup)
-            ratio = t_hf / t_ours
-            print(f"| {name} | {n_params / 1e6:.1f}M | {dt} | {tokens / t_ours:,.0f} | {tokens / t_hf:,.0f} | "
-                  f"{ratio:.2f}x |", flush=True)
-            summary[f"{name}_{dt}_tok_s"] = tokens / t_ours
-            summary[f"{name}_{dt}_hf_tok_s"] = tokens / t_hf
-            summary[f"{name}_{dt}_ratio"] = ratio
+        with tempfile.TemporaryDirectory() as tmp:
+            moelab.save(DeepSeekForCausalLM.from_config(cfg, seed=0), tmp)
+            conns, procs = [], []
+            for kind in ("moelab", "transformers", "dense"):
+                here, there = ctx.Pipe()
+                p = ctx.Process(target=_worker, args=(there, kind, tmp, dense_limit(cfg).model_dump_json(), ids,
+                                                      args.threads, KEEP[args.host_memory][kind]), daemon=True)
+                p.start()
+                conns.append(here)
+                procs.append(p)
+            n_params = [c.recv() for c in conns][0]
+            try:
+                for dt in args.dtypes:
+                    t_ours, t_hf, t_dense = step_times(conns, dt, args.reps, args.warmup)
+                    ratio = t_hf / t_ours
+                    print(f"| {name} | {n_params / 1e6:.1f}M | {dt} | {tokens / t_ours:,.0f} | {tokens / t_hf:,.0f} | "
+                          f"{ratio:.2f}x | {tokens / t_dense:,.0f} | {t_hf / t_dense:.2f}x |", flush=True)
+                    summary[f"{name}_{dt}_tok_s"] = tokens / t_ours
+                    summary[f"{name}_{dt}_hf_tok_s"] = tokens / t_hf
+                    summary[f"{name}_{dt}_ratio"] = ratio
+                    summary[f"{name}_{dt}_bound"] = t_hf / t_dense
+            finally:
+                for c, p in zip(conns, procs, strict=True):
+                    c.send(None)
+                    p.join(timeout=60)
     print("\nRESULT " + " ".join(f"{k}={v:.2f}" for k, v in summary.items()))
 
 

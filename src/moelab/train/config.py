@@ -54,6 +54,8 @@ class TrainConfig(_Section):
     dtype: Literal["bfloat16", "float32"] = "bfloat16"   # autocast dtype; weights stay fp32
     seed: int = 0
     threads: int | None = None          # torch intra-op threads (None: torch's default)
+    keep_host_memory: bool = True       # CPU: glibc keeps freed blocks for reuse (no per-step page faults;
+                                        # RSS stays at its peak) — moelab.train.host_memory
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 16
