@@ -7,7 +7,9 @@ Shapes (issue "performance"): 64 routed experts top-6 + 2 shared, 4,096 tokens, 
 256/128 ("small") and 1024/256 ("large"). The peer is transformers' ``DeepseekV3MoE`` with the same
 weights (default ``grouped_mm`` experts path, and ``eager``); the limit is a dense SwiGLU with the same
 active FLOPs (width (6+2)·I). Each variant is warmed up, then timed as the median of ``--reps`` runs,
-the repetitions interleaved across variants.
+the repetitions interleaved across variants. "first calls s" is the first forward plus the first
+forward + backward of each variant: for ``fused+compile`` it holds the one-time compile (the compiled
+functions are shared across shapes, so later tables show recompiles, if any).
 Memory is the activation memory kept for backward (bytes of the distinct non-parameter tensors saved by
 autograd), which is what differs between kernels. Ends with one ``RESULT`` line.
 """
@@ -78,17 +80,19 @@ def fwd_bwd(module, x, grad) -> float:
     return time.perf_counter() - t0
 
 
-def time_round_robin(variants: dict, x, grad, reps: int) -> dict[str, float]:
-    """Median fwd+bwd time per variant; repetitions interleave the variants, so machine noise (other
-    load, frequency changes) hits all of them alike instead of whichever ran at a bad moment."""
-    for mod in variants.values():
-        for _ in range(2):
-            fwd_bwd(mod, x, grad)
+def time_round_robin(variants: dict, x, grad, reps: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median fwd+bwd time per variant, and each variant's first (warm-up) fwd+bwd time; repetitions
+    interleave the variants, so machine noise (other load, frequency changes) hits all of them alike
+    instead of whichever ran at a bad moment."""
+    first = {}
+    for name, mod in variants.items():
+        first[name] = fwd_bwd(mod, x, grad)
+        fwd_bwd(mod, x, grad)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(reps):
         for name, mod in variants.items():
             times[name].append(fwd_bwd(mod, x, grad))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistics.median(t) for name, t in times.items()}, first
 
 
 def run(shape: str, dtype: torch.dtype, reps: int) -> dict[str, dict]:
@@ -110,17 +114,21 @@ def run(shape: str, dtype: torch.dtype, reps: int) -> dict[str, dict]:
     ref = None
     for name, mod in variants.items():
         mod = variants[name] = mod.to(dtype)
+        t0 = time.perf_counter()
         with torch.no_grad():
             out = mod(x)
+        first_fwd = time.perf_counter() - t0
         if name.startswith(("moelab", "transformers")):
             ref = out if ref is None else ref
             diff = float((out.float() - ref.float()).abs().max())
         else:
             diff = float("nan")
         mem = saved_activation_bytes(lambda m=mod: m(x), list(mod.parameters()))
-        results[name] = {"act_mb": mem / 2**20, "max_diff": diff}
-    for name, t in time_round_robin(variants, x, grad, reps).items():
+        results[name] = {"act_mb": mem / 2**20, "max_diff": diff, "first_s": first_fwd}
+    medians, first = time_round_robin(variants, x, grad, reps)
+    for name, t in medians.items():
         results[name]["ms"] = t * 1e3
+        results[name]["first_s"] += first[name]   # first forward + first fwd+bwd: includes any compiling
     return results
 
 
@@ -146,11 +154,12 @@ def main() -> None:
             print(f"\n## {shape}: hidden {H}, expert width {I}, {E} experts top-{K} + {SHARED} shared, "
                   f"{TOKENS} tokens, {dt}, {args.threads} threads, median of {args.reps}\n")
             print("| implementation | fwd+bwd ms | vs dense | speed-up vs transformers grouped_mm | "
-                  "activations MiB | vs dense | max |out diff| vs first MoE |")
-            print("|---|---|---|---|---|---|---|")
+                  "activations MiB | vs dense | max |out diff| vs first MoE | first calls s |")
+            print("|---|---|---|---|---|---|---|---|")
             for name, r in res.items():
                 print(f"| {name} | {r['ms']:.1f} | {r['ms'] / dense['ms']:.2f}x | {hf['ms'] / r['ms']:.2f}x | "
-                      f"{r['act_mb']:.1f} | {r['act_mb'] / dense['act_mb']:.2f}x | {r['max_diff']:.1e} |")
+                      f"{r['act_mb']:.1f} | {r['act_mb'] / dense['act_mb']:.2f}x | {r['max_diff']:.1e} | "
+                      f"{r['first_s']:.1f} |")
             best = min((n for n in res if n.startswith("moelab")), key=lambda n: res[n]["ms"])
             key = f"{shape}_{dt}"
             summary[f"{key}_best"] = best.split()[1]

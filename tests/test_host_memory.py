@@ -10,8 +10,6 @@ import sys
 
 import pytest
 
-from moelab.train.config import TrainConfig
-
 SCRIPT = """
 import resource, sys, torch
 if sys.argv[1] == "keep":
@@ -40,7 +38,3 @@ def test_kept_memory_is_reused_without_page_faults():
     assert released > pages * 3 // 4, f"expected glibc to return 64 MiB blocks to the OS by default ({released} faults)"
     assert kept <= pages // 8, f"{kept} page faults with freed memory kept (of {pages} pages written)"
 
-
-def test_training_keeps_host_memory_by_default():
-    assert TrainConfig(steps=1).keep_host_memory
-    assert not TrainConfig(steps=1, keep_host_memory=False).keep_host_memory

@@ -204,6 +204,15 @@ def test_run_writes_metrics_checkpoints_and_report(data_dir, tmp_path):
     assert m.model.layers[0].mlp.gate.e_score_correction_bias.abs().sum() > 0   # the bias moved and was saved
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_cpu_training_keeps_freed_host_memory_unless_switched_off(data_dir, tmp_path, monkeypatch, keep):
+    calls = []
+    monkeypatch.setattr("moelab.train.loop.keep_freed_host_memory", lambda: calls.append(1) or True)
+    kw = {} if keep else {"keep_host_memory": False}   # on by default
+    train(run_config(data_dir, steps=1, eval_every=1, ckpt_every=1, **kw), tmp_path / "r", progress=False)
+    assert len(calls) == (1 if keep else 0)
+
+
 def test_loss_decreases_on_real_text(data_dir, tmp_path):
     res = train(run_config(data_dir, steps=40, eval_every=40, ckpt_every=40), tmp_path / "r", progress=False)
     losses = train_losses(tmp_path / "r")
