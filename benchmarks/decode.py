@@ -30,18 +30,24 @@ from moelab.model.transformer import DeepSeekForCausalLM
 class Clock:
     """Timestamps every generated token; works as a transformers streamer and as moelab's on_token."""
 
-    def __init__(self):
+    def __init__(self, cuda: bool = False):
         self.times: list[float] = []
         self.prompt_seen = False
+        self.cuda = cuda
+
+    def _stamp(self):
+        if self.cuda:                           # the token exists once the device is done with it
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
 
     def put(self, value):                       # transformers: the prompt first, then each new token
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        self.times.append(time.perf_counter())
+        self._stamp()
 
     def __call__(self, token):                  # moelab's on_token
-        self.times.append(time.perf_counter())
+        self._stamp()
 
     def end(self):
         pass
@@ -51,13 +57,13 @@ class Clock:
         return self.times[-1] - self.times[0]
 
 
-def decode_rates(runs, batch: int, new: int, reps: int) -> list[float]:
+def decode_rates(runs, batch: int, new: int, reps: int, cuda: bool = False) -> list[float]:
     """Median decode tokens/s of each run; repetitions are interleaved (a, b, a, b, ...) so drift on a
     shared machine hits every run alike. The first round warms up."""
     rates: list[list[float]] = [[] for _ in runs]
     for _ in range(reps + 1):
         for i, run in enumerate(runs):
-            clock = Clock()
+            clock = Clock(cuda)
             run(clock)
             rates[i].append(batch * (new - 1) / clock.decode_seconds())
     return [statistics.median(r[1:]) for r in rates]
@@ -72,6 +78,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU runs: benchmarks/gpu.sh)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
@@ -80,8 +87,8 @@ def main() -> None:
     cfg = type(cfg)(**(cfg.model_dump() | {"max_position_embeddings": max(args.contexts) + args.new + 8}))
     with tempfile.TemporaryDirectory() as tmp:
         moelab.save(DeepSeekForCausalLM.from_config(cfg, seed=0), tmp)
-        ours = moelab.load(tmp, dtype=torch.float32).eval()
-        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        ours = moelab.load(tmp, dtype=torch.float32).to(args.device).eval()
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(args.device).eval()
     b = model_budget(cfg)
     print(f"cache per token: {b.cache_elems_per_token} values ({b.cache_bytes_per_token} B in bf16) — "
           f"MHA equivalent {b.mha_cache_elems_per_token} values ({b.mha_cache_bytes_per_token} B), "
@@ -92,7 +99,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for B in args.batches:
         for ctx in args.contexts:
-            ids = torch.randint(2, cfg.vocab_size, (B, ctx))
+            ids = torch.randint(2, cfg.vocab_size, (B, ctx)).to(args.device)
 
             def ours_run(clock, n=args.new, ids=ids):
                 return generate(ours, ids, n, greedy, eos_token_id=None, prefill_chunk=args.chunk, on_token=clock)
@@ -103,7 +110,7 @@ def main() -> None:
                                        eos_token_id=None, pad_token_id=0, streamer=clock)
 
             same = torch.equal(ours_run(Clock(), 4), hf_run(Clock(), 4))
-            ours_tps, hf_tps = decode_rates([ours_run, hf_run], B, args.new, args.reps)
+            ours_tps, hf_tps = decode_rates([ours_run, hf_run], B, args.new, args.reps, ids.is_cuda)
             print(f"| {B} | {ctx} | {ours_tps:,.1f} | {hf_tps:,.1f} | {ours_tps / hf_tps:.2f}x | {'yes' if same else 'no'} |",
                   flush=True)
             summary[f"b{B}_ctx{ctx}_ratio"] = ours_tps / hf_tps

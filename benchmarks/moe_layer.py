@@ -72,11 +72,18 @@ def saved_activation_bytes(fn, params) -> int:
     return sum(seen.values())
 
 
+def _sync(x: torch.Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
 def fwd_bwd(module, x, grad) -> float:
     x.grad = None
     module.zero_grad(set_to_none=True)
+    _sync(x)
     t0 = time.perf_counter()
     module(x).backward(grad)
+    _sync(x)
     return time.perf_counter() - t0
 
 
@@ -85,8 +92,13 @@ def time_round_robin(variants: dict, x, grad, reps: int) -> tuple[dict[str, floa
     interleave the variants, so machine noise (other load, frequency changes) hits all of them alike
     instead of whichever ran at a bad moment."""
     first = {}
-    for name, mod in variants.items():
-        first[name] = fwd_bwd(mod, x, grad)
+    for name, mod in list(variants.items()):
+        try:
+            first[name] = fwd_bwd(mod, x, grad)
+        except (RuntimeError, NotImplementedError, ValueError) as e:   # a path this device lacks
+            print(f"skipped {name}: {str(e).splitlines()[0][:200]}", flush=True)
+            del variants[name]
+            continue
         fwd_bwd(mod, x, grad)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(reps):
@@ -95,7 +107,7 @@ def time_round_robin(variants: dict, x, grad, reps: int) -> tuple[dict[str, floa
     return {name: statistics.median(t) for name, t in times.items()}, first
 
 
-def run(shape: str, dtype: torch.dtype, reps: int) -> dict[str, dict]:
+def run(shape: str, dtype: torch.dtype, reps: int, device: str = "cpu") -> dict[str, dict]:
     H, I = SHAPES[shape]
     torch.manual_seed(0)
     base = moelab_layer(H, I, "loop")
@@ -108,15 +120,21 @@ def run(shape: str, dtype: torch.dtype, reps: int) -> dict[str, dict]:
         variants[f"moelab {impl}"] = m
     for impl in ("grouped_mm", "eager"):
         variants[f"transformers {impl}"] = hf_layer(base, H, I, impl)
-    x = torch.randn(1, TOKENS, H, dtype=dtype, requires_grad=True)
-    grad = torch.randn(1, TOKENS, H, dtype=dtype)
+    x = torch.randn(1, TOKENS, H, dtype=dtype, device=device, requires_grad=True)
+    grad = torch.randn(1, TOKENS, H, dtype=dtype, device=device)
     results = {}
     ref = None
-    for name, mod in variants.items():
-        mod = variants[name] = mod.to(dtype)
+    for name, mod in list(variants.items()):
+        mod = variants[name] = mod.to(device, dtype)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            out = mod(x)
+        try:
+            with torch.no_grad():
+                out = mod(x)
+        except (RuntimeError, NotImplementedError, ValueError) as e:         # a path this device lacks
+            print(f"skipped {name}: {str(e).splitlines()[0][:200]}", flush=True)
+            del variants[name]
+            continue
+        _sync(x)
         first_fwd = time.perf_counter() - t0
         if name.startswith(("moelab", "transformers")):
             ref = out if ref is None else ref
@@ -126,6 +144,7 @@ def run(shape: str, dtype: torch.dtype, reps: int) -> dict[str, dict]:
         mem = saved_activation_bytes(lambda m=mod: m(x), list(mod.parameters()))
         results[name] = {"act_mb": mem / 2**20, "max_diff": diff, "first_s": first_fwd}
     medians, first = time_round_robin(variants, x, grad, reps)
+    results = {name: r for name, r in results.items() if name in medians}
     for name, t in medians.items():
         results[name]["ms"] = t * 1e3
         results[name]["first_s"] += first[name]   # first forward + first fwd+bwd: includes any compiling
@@ -138,6 +157,7 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU runs: benchmarks/gpu.sh)")
     ap.add_argument("--host-memory", choices=["keep", "release"], default="keep",
                     help="keep: glibc reuses freed blocks, as moelab's trainer sets (process-wide, so the peer "
                          "gets it too); release: glibc's default, big blocks page-fault afresh every step")
@@ -148,12 +168,14 @@ def main() -> None:
     summary = {}
     for shape in args.shapes:
         for dt in args.dtypes:
-            res = run(shape, getattr(torch, dt), args.reps)
-            dense, hf = res["dense SwiGLU (limit)"], res["transformers grouped_mm"]
+            res = run(shape, getattr(torch, dt), args.reps, args.device)
+            peer = next((n for n in ("transformers grouped_mm", "transformers eager") if n in res), None)
+            dense, hf = res["dense SwiGLU (limit)"], res[peer] if peer else {"ms": float("nan")}
             H, I = SHAPES[shape]
+            where = f"{args.threads} threads" if args.device == "cpu" else torch.cuda.get_device_name(args.device)
             print(f"\n## {shape}: hidden {H}, expert width {I}, {E} experts top-{K} + {SHARED} shared, "
-                  f"{TOKENS} tokens, {dt}, {args.threads} threads, median of {args.reps}\n")
-            print("| implementation | fwd+bwd ms | vs dense | speed-up vs transformers grouped_mm | "
+                  f"{TOKENS} tokens, {dt}, {where}, median of {args.reps}\n")
+            print(f"| implementation | fwd+bwd ms | vs dense | speed-up vs {peer} | "
                   "activations MiB | vs dense | max |out diff| vs first MoE | first calls s |")
             print("|---|---|---|---|---|---|---|---|")
             for name, r in res.items():

@@ -52,10 +52,12 @@ def dense_limit(cfg):
 
 
 def make_step(model, ids, dtype: str):
-    """One training step of ``model`` (forward, cross-entropy, backward, AdamW) as a closure."""
+    """One training step of ``model`` (forward, cross-entropy, backward, AdamW) as a closure; on CUDA
+    it waits for the device, so wall-clock timing is right."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     x, y = ids[:, :-1], ids[:, 1:]
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" else nullcontext
+    kind = ids.device.type
+    ctx = (lambda: torch.autocast(kind, dtype=torch.bfloat16)) if dtype == "bfloat16" else nullcontext
 
     def once():
         with ctx():
@@ -64,11 +66,14 @@ def make_step(model, ids, dtype: str):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if kind == "cuda":
+            torch.cuda.synchronize()
 
     return once
 
 
-def _worker(conn, kind: str, source: str, cfg_json: str, ids: torch.Tensor, threads: int, keep: bool) -> None:
+def _worker(conn, kind: str, source: str, cfg_json: str, ids: torch.Tensor, threads: int, keep: bool,
+            device: str = "cpu") -> None:
     """One model in its own process (so each gets its own allocator setting): builds it, then runs
     ``(dtype, n)`` requests — n steps, their seconds sent back — until it receives None."""
     torch.set_num_threads(threads)
@@ -82,7 +87,8 @@ def _worker(conn, kind: str, source: str, cfg_json: str, ids: torch.Tensor, thre
         model = moelab.load(source, dtype=torch.float32)
     else:  # the dense limit, freshly initialised (its speed does not depend on the weights)
         model = DeepSeekForCausalLM.from_config(ModelConfig.model_validate_json(cfg_json), seed=0)
-    model.train()
+    model.to(device).train()
+    ids = ids.to(device)
     conn.send(sum(p.numel() for p in model.parameters()))
     steps = {}
     while (req := conn.recv()) is not None:
@@ -125,6 +131,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps per model first (kernel caches fill)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU runs: benchmarks/gpu.sh)")
     ap.add_argument("--host-memory", choices=list(KEEP), default="shipped",
                     help="shipped: each library as its users run it — moelab's trainer keeps freed host memory "
                          "for reuse (moelab.train.host_memory), a transformers process has glibc's default; "
@@ -151,7 +158,8 @@ def main() -> None:
             for kind in ("moelab", "transformers", "dense"):
                 here, there = ctx.Pipe()
                 p = ctx.Process(target=_worker, args=(there, kind, tmp, dense_limit(cfg).model_dump_json(), ids,
-                                                      args.threads, KEEP[args.host_memory][kind]), daemon=True)
+                                                      args.threads, KEEP[args.host_memory][kind], args.device),
+                                daemon=True)
                 p.start()
                 conns.append(here)
                 procs.append(p)
