@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import moelab
 from moelab.config import ModelConfig, load_model_config
 from moelab.model.transformer import DeepSeekForCausalLM
+from moelab.train.compile import compile_dense_parts
 from moelab.train.host_memory import keep_freed_host_memory
 
 CONFIGS = {
@@ -73,7 +74,7 @@ def make_step(model, ids, dtype: str):
 
 
 def _worker(conn, kind: str, source: str, cfg_json: str, ids: torch.Tensor, threads: int, keep: bool,
-            device: str = "cpu") -> None:
+            device: str = "cpu", compile_dense: bool = False) -> None:
     """One model in its own process (so each gets its own allocator setting): builds it, then runs
     ``(dtype, n)`` requests — n steps, their seconds sent back — until it receives None."""
     torch.set_num_threads(threads)
@@ -88,6 +89,8 @@ def _worker(conn, kind: str, source: str, cfg_json: str, ids: torch.Tensor, thre
     else:  # the dense limit, freshly initialised (its speed does not depend on the weights)
         model = DeepSeekForCausalLM.from_config(ModelConfig.model_validate_json(cfg_json), seed=0)
     model.to(device).train()
+    if compile_dense and kind != "transformers":
+        compile_dense_parts(model)
     ids = ids.to(device)
     conn.send(sum(p.numel() for p in model.parameters()))
     steps = {}
@@ -136,6 +139,9 @@ def main() -> None:
                     help="shipped: each library as its users run it — moelab's trainer keeps freed host memory "
                          "for reuse (moelab.train.host_memory), a transformers process has glibc's default; "
                          "keep / release: the same setting for all (equal footing)")
+    ap.add_argument("--compile", action="store_true",
+                    help="moelab (and its dense limit) with train.compile: torch.compile of the blocks' dense "
+                         "parts; the compile happens in the warm-up steps")
     ap.add_argument("--compile-experts", action="store_true",
                     help="torch.compile the expert activation math (compile time is spent in the warm-up steps)")
     args = ap.parse_args()
@@ -158,7 +164,8 @@ def main() -> None:
             for kind in ("moelab", "transformers", "dense"):
                 here, there = ctx.Pipe()
                 p = ctx.Process(target=_worker, args=(there, kind, tmp, dense_limit(cfg).model_dump_json(), ids,
-                                                      args.threads, KEEP[args.host_memory][kind], args.device),
+                                                      args.threads, KEEP[args.host_memory][kind], args.device,
+                                                      args.compile),
                                 daemon=True)
                 p.start()
                 conns.append(here)

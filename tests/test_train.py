@@ -213,6 +213,31 @@ def test_cpu_training_keeps_freed_host_memory_unless_switched_off(data_dir, tmp_
     assert len(calls) == (1 if keep else 0)
 
 
+def test_compile_covers_the_dense_parts_only_and_needs_a_compiler(monkeypatch):
+    from moelab.model.transformer import DeepSeekForCausalLM
+    from moelab.train.compile import compile_dense_parts
+
+    model = DeepSeekForCausalLM.from_config(make_config(MODEL | {"first_k_dense_replace": 1}), seed=0)
+    assert compile_dense_parts(model) == 1 + 2 * 3 + 2          # final norm; 3 per block; dense MLP, shared
+    compiled = {n for n, m in model.named_modules() if getattr(m, "_compiled_call_impl", None) is not None}
+    assert compiled == {"model.norm", "model.layers.0.mlp", "model.layers.1.mlp.shared_experts"} | {
+        f"model.layers.{i}.{p}" for i in (0, 1) for p in ("self_attn", "input_layernorm", "post_attention_layernorm")}
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(TrainingError, match="C\\+\\+ compiler"):
+        compile_dense_parts(DeepSeekForCausalLM.from_config(make_config(MODEL), seed=0))
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(data_dir, tmp_path):
+    kw = dict(steps=3, eval_every=3, ckpt_every=3)
+    train(run_config(data_dir, **kw), tmp_path / "eager", progress=False)
+    train(run_config(data_dir, compile=True, **kw), tmp_path / "compiled", progress=False)
+    eager, compiled = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
+    assert eager.keys() == compiled.keys()
+    for s in eager:
+        assert compiled[s] == pytest.approx(eager[s], rel=1e-4)
+
+
 def test_loss_decreases_on_real_text(data_dir, tmp_path):
     res = train(run_config(data_dir, steps=40, eval_every=40, ckpt_every=40), tmp_path / "r", progress=False)
     losses = train_losses(tmp_path / "r")
