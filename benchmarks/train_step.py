@@ -168,10 +168,11 @@ def main() -> None:
                                                       args.compile),
                                 daemon=True)
                 p.start()
+                there.close()   # the child holds its end: if it dies, recv() here raises EOFError, no hang
                 conns.append(here)
                 procs.append(p)
-            n_params = [c.recv() for c in conns][0]
             try:
+                n_params = [c.recv() for c in conns][0]
                 for dt in args.dtypes:
                     t_ours, t_hf, t_dense = step_times(conns, dt, args.reps, args.warmup)
                     ratio = t_hf / t_ours
@@ -183,8 +184,13 @@ def main() -> None:
                     summary[f"{name}_{dt}_bound"] = t_hf / t_dense
             finally:
                 for c, p in zip(conns, procs, strict=True):
-                    c.send(None)
+                    try:
+                        c.send(None)
+                    except OSError:          # that worker is gone already (its error is on stderr)
+                        pass
                     p.join(timeout=60)
+                    if p.is_alive():
+                        p.kill()
     print("\nRESULT " + " ".join(f"{k}={v:.2f}" for k, v in summary.items()))
 
 
