@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -227,9 +228,9 @@ def test_compile_covers_the_dense_parts_only_and_needs_a_compiler(monkeypatch):
         compile_dense_parts(DeepSeekForCausalLM.from_config(make_config(MODEL), seed=0))
 
 
-@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor needs a C++ compiler")
 def test_compiled_training_matches_eager(data_dir, tmp_path):
-    kw = dict(steps=3, eval_every=3, ckpt_every=3)
+    kw = dict(steps=2, eval_every=2, ckpt_every=2)   # ~45 s with a cold inductor cache: compiling train + eval
     train(run_config(data_dir, **kw), tmp_path / "eager", progress=False)
     train(run_config(data_dir, compile=True, **kw), tmp_path / "compiled", progress=False)
     eager, compiled = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")

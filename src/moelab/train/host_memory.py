@@ -9,8 +9,9 @@ tensor to fp32 takes 12.7 ms into fresh pages and 2.0 ms into reused ones; a ~10
 step runs at 18% more tokens/s (benchmarks/train_step.py, ``--host-memory``).
 
 :func:`keep_freed_host_memory` raises the mmap threshold to 1 GiB and the trim threshold to 2 GiB with
-``mallopt``, so freed blocks stay in the process's heap and are reused. The price: the resident set
-stays at its peak instead of shrinking between steps (what GPU caching allocators do too). It is
+``mallopt`` (older glibc, which caps the mmap threshold at 32 MiB: no mmap at all), so freed blocks
+stay in the process's heap and are reused. The price: the resident set stays near its peak (heap
+fragmentation can add to it) instead of shrinking between steps, as with GPU caching allocators. It is
 process-wide and cannot be undone per tensor; on systems without glibc it does nothing.
 """
 
@@ -22,6 +23,7 @@ import sys
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
 MMAP_THRESHOLD = 1 << 30          # blocks below this come from the (reused) heap
 TRIM_THRESHOLD = (1 << 31) - 1    # keep up to ~2 GiB of free heap top instead of trimming it
 
@@ -45,5 +47,7 @@ def keep_freed_host_memory() -> bool:
     except (OSError, AttributeError):  # musl and others: no mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _applied = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    # glibc before ~2.35 refuses thresholds above 32 MiB; there, serve every block from the heap instead
+    raised = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) or bool(mallopt(_M_MMAP_MAX, 0))
+    _applied = raised and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _applied
