@@ -145,6 +145,20 @@ def test_expert_kernels_match_per_token_loop_with_gradients(impl):
     assert grads[2][12:].abs().sum() == 0  # unused experts get zero gradient
 
 
+@pytest.mark.parametrize("op", ["private", "missing"])
+@pytest.mark.parametrize("impl", ["grouped_mm", "fused"])
+def test_grouped_kernels_on_torch_with_only_the_private_op_or_none(monkeypatch, impl, op):
+    calls = []
+
+    def private(*args, **kw):
+        calls.append(1)
+        return torch._grouped_mm(*args, **kw)
+
+    monkeypatch.setattr("moelab.model.experts.grouped_mm", private if op == "private" else None)
+    test_expert_kernels_match_per_token_loop_with_gradients(impl)     # same outputs and gradients
+    assert (len(calls) > 0) == (op == "private")                      # missing: loop / padded bmm instead
+
+
 @pytest.mark.parametrize("n_tokens", [1, 3])
 @torch.no_grad()
 def test_few_token_decode_path_matches_per_token_loop(n_tokens):
