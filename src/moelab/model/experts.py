@@ -175,7 +175,7 @@ class RoutedExperts(nn.Module):
     def _grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts, 0).to(torch.int32)
         dt = _autocast_dtype(x_sorted) or x_sorted.dtype      # grouped_mm is not covered by autocast
-        h = grouped_mm(x_sorted.to(dt), self.gate_up_proj.to(dt).transpose(1, 2), offs=offs)   # [M, 2I]
+        h = grouped_mm(x_sorted.to(dt), self.gate_up_proj.to(dt).transpose(1, 2), offs=offs)     # [M, 2I]
         gate, up = h.chunk(2, dim=-1)
         return grouped_mm(F.silu(gate) * up, self.down_proj.to(dt).transpose(1, 2), offs=offs)
 
@@ -299,9 +299,9 @@ class FusedGroupedExperts(torch.autograd.Function):
         if compute_dtype is not None:  # under autocast: compute in its dtype, as it would for nn.Linear
             x, w_gu, w_down = x.to(compute_dtype), w_gu.to(compute_dtype), w_down.to(compute_dtype)
         x_s = x.index_select(0, token)                                              # [M, H]
-        h = grouped_mm(x_s, w_gu.transpose(1, 2), offs=offs)                      # [M, 2I]
+        h = grouped_mm(x_s, w_gu.transpose(1, 2), offs=offs)                        # [M, 2I]
         a_g = _elementwise("forward", compiled)(h, gate)                            # [M, I]
-        y_s = grouped_mm(a_g, w_down.transpose(1, 2), offs=offs)                  # [M, H]
+        y_s = grouped_mm(a_g, w_down.transpose(1, 2), offs=offs)                    # [M, H]
         ctx.save_for_backward(x, token, gate, offs, w_gu, w_down, h)
         ctx.compiled = compiled
         return x.new_zeros(x.shape).index_add_(0, token, y_s)
@@ -311,11 +311,11 @@ class FusedGroupedExperts(torch.autograd.Function):
         x, token, gate, offs, w_gu, w_down, h = ctx.saved_tensors
         x_dt, gu_dt, down_dt = ctx.dtypes
         dy_s = d_out.to(h.dtype).contiguous().index_select(0, token)                # [M, H]
-        da_g = grouped_mm(dy_s, w_down, offs=offs)                                # [M, I]
+        da_g = grouped_mm(dy_s, w_down, offs=offs)                                  # [M, I]
         dh, d_gate, a_g = _elementwise("backward", ctx.compiled)(h, gate, da_g)
-        d_down = grouped_mm(dy_s.t(), a_g, offs=offs)                             # [E, H, I]
+        d_down = grouped_mm(dy_s.t(), a_g, offs=offs)                               # [E, H, I]
         x_s = x.index_select(0, token)
-        d_gu = grouped_mm(dh.t(), x_s, offs=offs)                                 # [E, 2I, H]
-        dx_s = grouped_mm(dh, w_gu, offs=offs)                                    # [M, H]
+        d_gu = grouped_mm(dh.t(), x_s, offs=offs)                                   # [E, 2I, H]
+        dx_s = grouped_mm(dh, w_gu, offs=offs)                                      # [M, H]
         dx = x.new_zeros(x.shape).index_add_(0, token, dx_s)
         return dx.to(x_dt), None, d_gate, None, d_gu.to(gu_dt), d_down.to(down_dt), None, None

@@ -31,12 +31,10 @@ def compile_dense_parts(model: nn.Module) -> int:
     parts: list[nn.Module] = [model.model.norm]
     for layer in model.model.layers:
         parts += [layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm]
-        shared = getattr(layer.mlp, "shared_experts", None)
-        if hasattr(layer.mlp, "experts"):        # DeepSeekMoE: only the shared experts are dense
-            if shared is not None:
-                parts.append(shared)
-        else:                                    # a dense SwiGLU block
+        if not hasattr(layer.mlp, "experts"):    # a dense SwiGLU block
             parts.append(layer.mlp)
+        elif layer.mlp.shared_experts is not None:   # DeepSeekMoE: only the shared experts are dense
+            parts.append(layer.mlp.shared_experts)
     for m in parts:
         m.compile()
     return len(parts)

@@ -55,7 +55,7 @@ class TrainConfig(_Section):
     seed: int = 0
     threads: int | None = None          # torch intra-op threads (None: torch's default)
     keep_host_memory: bool = True       # CPU: glibc keeps freed blocks for reuse (no per-step page faults;
-                                        # RSS stays at its peak) — moelab.train.host_memory
+                                        # RSS stays near its peak) — moelab.train.host_memory
     compile: bool = False               # torch.compile the blocks' dense parts (attention, norms, dense and
                                         # shared MLPs): 1.06-1.13x per step after ~20 s — moelab.train.compile
     log_every: int = 10
