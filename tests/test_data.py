@@ -323,7 +323,7 @@ def test_prepare_errors(tmp_path):
         prepare(tmp_path / "one.txt", tmp_path / "out", vocab_size=100, progress=False)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
-    with pytest.raises(DataError, match="not a token directory"):
+    with pytest.raises(DataError, match="moelab did not write"):
         prepare(tmp_path / "one.txt", tmp_path / "taken", progress=False, overwrite=True)
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "out").exists()

@@ -537,9 +537,9 @@ def test_save_bad_arguments(tiny_model, tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(CheckpointError, match="afile"):
         moelab.save(tiny_model, tmp_path / "afile")
-    (tmp_path / "exists").mkdir()
+    moelab.save(tiny_model, tmp_path / "exists", overwrite=False)     # a new checkpoint: fine
     with pytest.raises(CheckpointError, match="overwrite"):
-        moelab.save(tiny_model, tmp_path / "exists", overwrite=False)
+        moelab.save(tiny_model, tmp_path / "exists", overwrite=False)  # replacing one needs overwrite=True
     with pytest.raises(CheckpointError, match="lots"):
         moelab.save(tiny_model, tmp_path / "y", max_shard_size="lots")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "exists"]

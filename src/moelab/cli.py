@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +27,7 @@ from moelab.cli_utils import err, friendly
 from moelab.data.cli import data_app
 from moelab.errors import MoelabError
 from moelab.evaluate.cli import eval_app
+from moelab.interop.atomic import CHECKPOINT, check_output_dir
 from moelab.tune.cli import finetune_app
 from moelab.tune.esft_cli import esft_app
 
@@ -118,11 +120,13 @@ def init(
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write.")],
     seed: Annotated[int, typer.Option(help="Random seed for the initial weights.")] = 0,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it holds a moelab checkpoint.")] = False,
 ):
     """Write a freshly initialised model as a Hugging Face checkpoint (with a byte-level tokenizer).
 
     The tokenizer is an untrained byte-level BPE (256 byte tokens + DeepSeek special tokens), so any
-    text can be fed to the model; `moelab data` (pre-training) trains a real one.
+    text can be fed to the model; `moelab data` (pre-training) trains a real one. --out must be a new or
+    empty directory, or (with --overwrite) a checkpoint moelab wrote; nothing else is ever replaced.
     """
     import torch
 
@@ -133,6 +137,7 @@ def init(
     from moelab.model.transformer import DeepSeekForCausalLM
 
     cfg = load_model_config(config)
+    check_output_dir(out, CHECKPOINT, overwrite)
     needed = len(SPECIAL_TOKENS) + 256
     if cfg.vocab_size < needed:
         raise MoelabError(f"vocab_size {cfg.vocab_size} is too small for the byte-level tokenizer "
@@ -140,8 +145,9 @@ def init(
     if dtype not in ("float32", "bfloat16"):
         raise MoelabError(f"--dtype must be float32 or bfloat16 (got {dtype})")
     model = DeepSeekForCausalLM.from_config(cfg, seed=seed, dtype=getattr(torch, dtype))
-    path = save(model, out)
-    save_tokenizer(byte_level_tokenizer(), path)
+    with tempfile.TemporaryDirectory() as tok_dir:   # the tokenizer goes into the atomic write too
+        save_tokenizer(byte_level_tokenizer(), tok_dir)
+        path = save(model, out, tokenizer=tok_dir, overwrite=overwrite)
     for w in hf_compatibility_warnings(cfg):
         err.print(f"[yellow]note:[/] {escape(w)}")
     n = sum(p.numel() for p in model.parameters())

@@ -29,8 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -59,6 +57,7 @@ from moelab.data.tokenizer import (
     train_tokenizer,
 )
 from moelab.errors import DataError, MoelabError
+from moelab.interop.atomic import TOKENS, check_output_dir, write_dir
 
 FORMAT = "moelab-tokens-v1"
 SPLITS = ("train", "val")
@@ -103,16 +102,16 @@ def prepare(
         raise DataError(f"val_docs must be >= 0 (got {val_docs})")
     if seed < 0:
         raise DataError(f"seed must be >= 0 (got {seed})")
-    _check_out(out, overwrite)
+    check_output_dir(out, TOKENS, overwrite)
     tok = _given_tokenizer(tokenizer) if tokenizer is not None else None
     if tok is None:
         check_vocab_size(vocab_size)
     console = console or Console(stderr=True)
 
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+    result: dict = {}
+
+    def build(tmp: Path) -> None:
+        nonlocal tok
         with _progress(console, progress) as bars:
             stats = ReadStats(strict=strict, skip_bad=skip_bad)
             keys, lengths, per_source = _scan(srcs, stats, seed, bars)
@@ -145,10 +144,10 @@ def prepare(
         meta = _meta(splits, vocab, per_source, stats, seed, val_fraction, val_docs, trained, tokenizer,
                      min_frequency)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-        _install(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        result["meta"] = meta
+
+    write_dir(out, build, kind=TOKENS, overwrite=overwrite)
+    meta = result["meta"]
     if progress:
         Console().print(summary_table(meta, title=f"wrote {out}"))
     return meta
@@ -166,45 +165,6 @@ def _sources(sources, text_field: str) -> list[Source]:
 def _iter(srcs: list[Source], stats: ReadStats) -> Iterator[Document]:
     for s in srcs:
         yield from s.documents(stats)
-
-
-def _is_token_dir(path: Path) -> bool:
-    try:
-        return json.loads((path / "meta.json").read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise DataError(f"--out {out} is a file; give a directory path")
-    if not any(out.iterdir()):
-        return
-    if not _is_token_dir(out):
-        raise DataError(f"--out {out} exists and is not a token directory; choose another path")
-    if not overwrite:
-        raise DataError(f"--out {out} already holds prepared tokens; pass --overwrite to replace them")
-
-
-def _install(tmp: Path, out: Path, overwrite: bool) -> None:
-    _check_out(out, overwrite)
-    old = None
-    if out.exists():
-        if any(out.iterdir()):
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-        else:
-            out.rmdir()
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _given_tokenizer(tokenizer) -> Tokenizer:

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from moelab.config import ModelConfig
 from moelab.errors import CheckpointError
-from moelab.interop.atomic import write_dir
+from moelab.interop.atomic import CHECKPOINT, write_dir
 from moelab.interop.hf_config import config_to_hf, hf_compatibility_warnings, read_config_json
 from moelab.model.transformer import DeepSeekForCausalLM
 
@@ -296,18 +296,16 @@ def save(model: DeepSeekForCausalLM, path: str | os.PathLike, *, max_shard_size:
     ``transformers.AutoModelForCausalLM.from_pretrained`` opens.
 
     Written atomically: everything goes to a temporary sibling directory that replaces ``path`` only
-    when complete. ``tokenizer`` may name a ``tokenizer.json`` file or a directory holding one.
+    when complete. ``tokenizer`` may name a ``tokenizer.json`` file or a directory holding one. An
+    existing ``path`` is replaced only if it is a checkpoint moelab wrote (nothing but checkpoint files)
+    and ``overwrite`` is true; a directory with anything else in it is refused (:mod:`moelab.interop.atomic`).
     """
     if not isinstance(model, DeepSeekForCausalLM):
         raise CheckpointError(f"moelab.save expects a moelab model, got {type(model).__name__}")
     for msg in hf_compatibility_warnings(model.config):
         warnings.warn(f"moelab.save: {msg}", stacklevel=2)
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} exists and is a file; give a directory path")
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists; pass overwrite=True or choose another path")
-    return write_dir(out, lambda tmp: _write(model, tmp, _parse_size(max_shard_size), tokenizer))
+    return write_dir(Path(path), lambda tmp: _write(model, tmp, _parse_size(max_shard_size), tokenizer),
+                     kind=CHECKPOINT, overwrite=overwrite)
 
 
 def _write(model: DeepSeekForCausalLM, directory: Path, shard_bytes: int, tokenizer) -> None:

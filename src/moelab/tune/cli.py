@@ -98,8 +98,13 @@ finetune_app.command("esft")(_command("esft", """ESFT: train only the task-relev
 @friendly
 def merge(base: Annotated[Path, typer.Argument(help="The base checkpoint the run started from.")],
           result: Annotated[Path, typer.Argument(help="RUN_DIR/adapter (LoRA) or RUN_DIR/esft (ESFT).")],
-          out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the merged checkpoint.")]):
-    """Merge a LoRA adapter or an ESFT result into its base: a full Hugging Face checkpoint."""
+          out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the merged checkpoint.")],
+          overwrite: Annotated[bool, typer.Option(help="Replace --out if it holds a moelab checkpoint.")] = False):
+    """Merge a LoRA adapter or an ESFT result into its base: a full Hugging Face checkpoint.
+
+    --out must be a new or empty directory, or (with --overwrite) a checkpoint moelab wrote; a directory
+    holding anything else is never replaced.
+    """
     from moelab.tune.run import merge_result
 
-    Console().print(f"wrote {merge_result(base, result, out)}")
+    Console().print(f"wrote {merge_result(base, result, out, overwrite=overwrite)}")

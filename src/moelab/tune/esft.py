@@ -81,7 +81,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from moelab.errors import CheckpointError, ConfigError, DataError, did_you_mean
-from moelab.interop.atomic import write_dir
+from moelab.interop.atomic import CHECKPOINT, ESFT, check_output_dir, write_dir
 from moelab.model.moe import DeepSeekMoE
 from moelab.model.transformer import DeepSeekForCausalLM
 
@@ -635,25 +635,17 @@ def save_esft(model: DeepSeekForCausalLM, expert_config: dict | None, out_dir: s
     """Write an ESFT directory: ``expert_cfg.json`` + ``model.safetensors`` with only the trained tensors.
 
     Written to a temporary sibling directory renamed into place. An existing ``out_dir`` is replaced only
-    if it is an ESFT directory (holds ``expert_cfg.json``) or empty, and ``overwrite`` is true.
+    if it holds an ESFT result and nothing else, and ``overwrite`` is true (:mod:`moelab.interop.atomic`).
     """
     cfg = _config_for(model, expert_config)
     tensors = {k: v.to("cpu").contiguous() for k, v in
                (esft_state_dict(model, cfg) | _module_tensors(model, cfg)).items()}
-    out = Path(out_dir)
-    if out.exists():
-        if not out.is_dir():
-            raise CheckpointError(f"{out} exists and is a file; give a directory path")
-        if not overwrite:
-            raise CheckpointError(f"{out} already exists; pass overwrite=True or choose another path")
-        if any(out.iterdir()) and not (out / EXPERT_CONFIG).is_file():
-            raise CheckpointError(f"{out} exists and is not an ESFT directory (no {EXPERT_CONFIG}); "
-                                  "choose another path")
+
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / EXPERT_CONFIG).write_text(json.dumps(cfg) + "\n", encoding="utf-8")
 
-    return write_dir(out, write)
+    return write_dir(Path(out_dir), write, kind=ESFT, overwrite=overwrite)
 
 
 def load_esft_into(model: DeepSeekForCausalLM, esft_dir: str | os.PathLike) -> dict:
@@ -731,12 +723,13 @@ def load_esft_into(model: DeepSeekForCausalLM, esft_dir: str | os.PathLike) -> d
 
 
 def merge_esft(base_dir: str | os.PathLike, esft_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-               dtype: torch.dtype | str | None = None, progress: bool = False) -> Path:
+               dtype: torch.dtype | str | None = None, progress: bool = False, overwrite: bool = False) -> Path:
     """Write a full Hugging Face checkpoint: the base with the ESFT tensors in place.
 
     The base is read with ``moelab.load`` (its stored dtype unless ``dtype``), the ESFT directory strictly
     (:func:`load_esft_into`), and the result written with ``moelab.save`` (atomically), with the base's
-    tokenizer files when it has them. ``out_dir`` must differ from both inputs.
+    tokenizer files when it has them. ``out_dir`` must differ from both inputs; an existing one is
+    replaced only if it is a moelab checkpoint and ``overwrite`` is true.
     """
     from moelab.interop.checkpoint import load, save
 
@@ -744,7 +737,8 @@ def merge_esft(base_dir: str | os.PathLike, esft_dir: str | os.PathLike, out_dir
     for src, what in ((base, "base checkpoint"), (esft, "ESFT directory")):
         if out.exists() and src.exists() and out.resolve() == src.resolve():
             raise CheckpointError(f"--out {out} is the {what}; write the merged checkpoint to a new directory")
+    check_output_dir(out, CHECKPOINT, overwrite)
     model = load(base, dtype=dtype, progress=progress)
     load_esft_into(model, esft)
     tokenizer = base if (base / "tokenizer.json").is_file() else None
-    return save(model, out, tokenizer=tokenizer)
+    return save(model, out, tokenizer=tokenizer, overwrite=overwrite)

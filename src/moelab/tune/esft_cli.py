@@ -209,9 +209,13 @@ def merge(
     out: Annotated[Path, typer.Option("--out", "-o", help="Merged checkpoint directory to write.")],
     dtype: Annotated[str | None, typer.Option(help="Write as float32/bfloat16/float16 (default: the base's).")]
     = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it holds a moelab checkpoint.")] = False,
 ):
-    """Write BASE_DIR with the trained experts of ESFT_DIR in place: a full checkpoint at OUT."""
+    """Write BASE_DIR with the trained experts of ESFT_DIR in place: a full checkpoint at OUT.
+
+    OUT must be a new or empty directory, or (with --overwrite) a checkpoint moelab wrote.
+    """
     from moelab.tune.esft import merge_esft
 
-    path = merge_esft(base_dir, esft_dir, out, dtype=dtype, progress=True)
+    path = merge_esft(base_dir, esft_dir, out, dtype=dtype, progress=True, overwrite=overwrite)
     err.print(f"wrote {escape(str(path))}", highlight=False)

@@ -61,7 +61,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moelab.errors import CheckpointError, ConfigError
-from moelab.interop.atomic import write_dir
+from moelab.interop.atomic import ADAPTER, write_dir
 from moelab.model.experts import RoutedExperts
 
 #: The default ``target_modules``: every attention projection (MLA and MHA/GQA names), the dense MLP,
@@ -660,22 +660,21 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str, settings: Lor
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str,
-                 settings: LoraSettings) -> Path:
+                 settings: LoraSettings, *, overwrite: bool = True) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``) that
     ``peft.PeftModel.from_pretrained`` loads onto the transformers model of the base checkpoint.
 
-    Written to a temporary sibling directory that replaces ``out_dir`` only when complete.
+    Written to a temporary sibling directory that replaces ``out_dir`` only when complete; an existing
+    ``out_dir`` only if it holds an adapter and nothing else, and ``overwrite`` (:mod:`moelab.interop.atomic`).
     """
     config = adapter_config(model, base_model_name_or_path, settings)
     tensors = {k: v.to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} exists and is a file; give a directory path for the adapter")
+
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
-    return write_dir(out, write)
+    return write_dir(Path(out_dir), write, kind=ADAPTER, overwrite=overwrite)
 
 
 def _read_adapter_config(directory: Path) -> dict:

@@ -32,6 +32,7 @@ from moelab.data.sft import load_sft
 from moelab.data.tokenizer import load_tokenizer
 from moelab.data.tokens import TokenData
 from moelab.errors import CheckpointError, TrainingError
+from moelab.interop.atomic import CHECKPOINT, check_output_dir
 from moelab.interop.checkpoint import load as load_checkpoint_dir
 from moelab.interop.checkpoint import save as save_model
 from moelab.train.loop import Job, RunResult, fit
@@ -170,9 +171,17 @@ def finetune(cfg: FinetuneConfig, run_dir: str | os.PathLike, resume: bool = Fal
     return result, summary
 
 
-def merge_result(base: str | os.PathLike, result: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """A full checkpoint from a base and a fine-tuning result (``adapter/`` or ``esft/``)."""
+def merge_result(base: str | os.PathLike, result: str | os.PathLike, out: str | os.PathLike,
+                 overwrite: bool = False) -> Path:
+    """A full checkpoint from a base and a fine-tuning result (``adapter/`` or ``esft/``).
+
+    ``out`` must be new, empty, or (with ``overwrite``) a checkpoint moelab wrote; it is checked before
+    any work."""
     base, result, out = Path(base), Path(result), Path(out)
+    for src, what in ((base, "base checkpoint"), (result, "fine-tuning result")):
+        if out.exists() and src.exists() and out.resolve() == src.resolve():
+            raise CheckpointError(f"--out {out} is the {what}; write the merged checkpoint to a new directory")
+    check_output_dir(out, CHECKPOINT, overwrite)
     if (result / "adapter_config.json").is_file():
         from moelab.tune.lora import load_adapter, merge_lora
 
@@ -180,11 +189,11 @@ def merge_result(base: str | os.PathLike, result: str | os.PathLike, out: str | 
         load_adapter(model, result)
         merge_lora(model)
         tok = base / "tokenizer.json"
-        return save_model(model, out, tokenizer=tok if tok.is_file() else None)
+        return save_model(model, out, tokenizer=tok if tok.is_file() else None, overwrite=overwrite)
     if (result / "expert_cfg.json").is_file():
         from moelab.tune.esft import merge_esft
 
-        return Path(merge_esft(base, result, out) or out)
+        return Path(merge_esft(base, result, out, overwrite=overwrite) or out)
     raise CheckpointError(f"{result} is neither a LoRA adapter (adapter_config.json) nor an ESFT result "
                           "(expert_cfg.json); give RUN_DIR/adapter or RUN_DIR/esft")
 
