@@ -250,13 +250,18 @@ def train(
         "--set", help="Override a setting: --set train.steps=200 --set balance.method=aux_loss (repeatable).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    allow_config_change: Annotated[bool, typer.Option(
+        "--allow-config-change", help="With --resume: apply settings that differ from the run's record (refused "
+        "by default; recorded in RUN_DIR/config_changes.jsonl).")] = False,
 ):
     """Pre-train a model: AdamW, LR schedule, bf16 autocast, loss-free balancing, checkpoints, report.
 
     Prepare data first (moelab data prepare shakespeare --out runs/data/shakespeare). Writes
     RUN_DIR/metrics.jsonl, TensorBoard events (RUN_DIR/tb), checkpoints (RUN_DIR/checkpoints/step-N, each
     a Hugging Face model plus the training state) and RUN_DIR/report/ (loss, MaxVio and expert-load
-    plots, summary.md). Ctrl-C writes a checkpoint and stops; --resume continues exactly.
+    plots, summary.md). Ctrl-C writes a checkpoint and stops; --resume continues exactly (changed settings
+    are shown and refused unless --allow-config-change). --out must be new or empty, or hold a run; one
+    process at a time may train in it.
 
         moelab train configs/tiny.toml --set train.steps=300
 
@@ -267,7 +272,7 @@ def train(
 
     cfg = load_run_config(config, overrides or [])
     run_dir = out or Path("runs") / config.stem
-    result = run_train(cfg, run_dir, resume=resume, progress=progress)
+    result = run_train(cfg, run_dir, resume=resume, progress=progress, allow_config_change=allow_config_change)
     ev = result.last_eval
     line = f"step {result.step}, {result.tokens:,} tokens"
     if ev:

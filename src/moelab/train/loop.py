@@ -38,12 +38,14 @@ import torch.nn.functional as F
 
 from moelab.data.tokens import TokenData
 from moelab.errors import TrainingError
+from moelab.interop.atomic import CHECKPOINT, write_dir
 from moelab.interop.checkpoint import load as load_checkpoint_dir
 from moelab.model.transformer import DeepSeekForCausalLM
 from moelab.train.balance import Balancer
 from moelab.train.compile import compile_dense_parts
 from moelab.train.config import BalanceConfig, RunConfig, TrainConfig
 from moelab.train.host_memory import keep_freed_host_memory
+from moelab.train.run_dir import CHANGES, check_run_dir, open_run, reconcile_config, write_record
 from moelab.train.schedule import LRSchedule
 from moelab.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -211,38 +213,100 @@ def evaluate(model, data: TokenData, batch_size: int, seq_len: int, max_batches:
 
 
 def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
-          on_event: Callable[[str, dict], None] | None = None) -> RunResult:
+          on_event: Callable[[str, dict], None] | None = None, allow_config_change: bool = False) -> RunResult:
     """Run (or resume) pre-training as configured; returns where it stopped."""
     tc, dc = cfg.train, cfg.data
+    check_run_dir(Path(run_dir), resume)       # before any work: a refused run costs nothing
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    if dc.seq_len > cfg.model.max_position_embeddings:
+        raise TrainingError(f"data.seq_len {dc.seq_len} exceeds model.max_position_embeddings "
+                            f"{cfg.model.max_position_embeddings}; lower data.seq_len (or extend the model's "
+                            "context with YaRN rope_scaling)")
     train_data, val_data = TokenData(dc.path, "train"), TokenData(dc.path, "val")
     tok_vocab = int(train_data.meta["vocab_size"])
     if tok_vocab > cfg.model.vocab_size:
         raise TrainingError(f"the tokenizer in {dc.path} has {tok_vocab} tokens but model.vocab_size is "
                             f"{cfg.model.vocab_size}; raise model.vocab_size to at least {tok_vocab}")
+    if tc.init_from:
+        check_same_architecture(cfg.model, tc.init_from)
     torch.manual_seed(tc.seed)
     if tc.init_from:
-        model = load_checkpoint_dir(tc.init_from, dtype=torch.float32)
+        model = load_checkpoint_dir(tc.init_from, dtype=torch.float32, **runtime_settings(cfg.model))
     else:
         model = DeepSeekForCausalLM.from_config(cfg.model, seed=tc.seed)
     job = Job(model=model, train_data=train_data, val_data=val_data, config_json=cfg.model_dump_json(indent=2),
               tokenizer_file=Path(dc.path) / "tokenizer.json")
-    return fit(job, tc, cfg.balance, dc.seq_len, run_dir, resume=resume, progress=progress, on_event=on_event)
+    return fit(job, tc, cfg.balance, dc.seq_len, run_dir, resume=resume, progress=progress, on_event=on_event,
+               allow_config_change=allow_config_change)
+
+
+#: ModelConfig fields that choose how the model computes, not what it is: they may differ from a
+#: ``train.init_from`` checkpoint's (the run's [model] value is used).
+RUNTIME_FIELDS = ("attn_impl", "expert_impl", "compile_experts", "initializer_range", "model_type",
+                  "aux_loss_alpha", "seq_aux", "ep_size")
+
+
+def runtime_settings(model_cfg) -> dict:
+    return {k: getattr(model_cfg, k) for k in ("attn_impl", "expert_impl", "compile_experts")}
+
+
+def check_same_architecture(model_cfg, checkpoint: str | Path) -> None:
+    """Refuse a ``train.init_from`` checkpoint whose architecture differs from the run's ``[model]``
+    (the record would describe a model that was not trained)."""
+    from moelab.interop.hf_config import read_config_json
+
+    ckpt = Path(checkpoint)
+    if not ckpt.is_dir():
+        raise TrainingError(f"train.init_from {ckpt} is not a checkpoint directory; give one written by "
+                            "`moelab init`, `moelab train` (RUN_DIR/model) or a Hugging Face export")
+    theirs = read_config_json(ckpt).model_dump()
+    ours = model_cfg.model_dump()
+    diffs = [f"{k} {theirs.get(k)!r} (checkpoint) vs {ours.get(k)!r} ([model])"
+             for k in sorted(ours) if k not in RUNTIME_FIELDS and theirs.get(k) != ours.get(k)]
+    if diffs:
+        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        raise TrainingError(f"train.init_from {ckpt} has another architecture than [model]: {shown}. Make "
+                            f"[model] describe the checkpoint (`moelab info {ckpt}` shows it), or drop "
+                            "train.init_from")
+
+
+def check_eval_data(val_data, batch_size: int, seq_len: int) -> None:
+    """A validation split too small for one evaluation would fail at the first evaluation: fail now."""
+    n = val_data.n_eval_windows(seq_len) if hasattr(val_data, "n_eval_windows") else len(val_data)
+    if n == 0:
+        where = getattr(val_data, "path", "the data")
+        size = f" has {val_data.n_tokens} tokens, which" if hasattr(val_data, "n_tokens") else ""
+        raise TrainingError(f"the validation split of {where}{size} is too small for one evaluation window of "
+                            f"data.seq_len + 1 = {seq_len + 1} tokens; prepare the data with more "
+                            "documents held out (moelab data prepare --val-docs N / --val-fraction F), or "
+                            "lower data.seq_len")
 
 
 def fit(job: Job, tc: TrainConfig, balance: BalanceConfig, seq_len: int, run_dir: str | Path,
         resume: bool = False, progress: bool = True,
-        on_event: Callable[[str, dict], None] | None = None) -> RunResult:
-    """The training loop: runs ``job`` for ``tc``'s steps, evaluating, logging and checkpointing."""
+        on_event: Callable[[str, dict], None] | None = None, allow_config_change: bool = False) -> RunResult:
+    """The training loop: runs ``job`` for ``tc``'s steps, evaluating, logging and checkpointing.
+
+    The run directory is checked, created and locked first (:mod:`moelab.train.run_dir`): a refused run
+    changes nothing on disk."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    max_pos = getattr(job.model.config, "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise TrainingError(f"data.seq_len {seq_len} exceeds the model's max_position_embeddings {max_pos}; "
+                            "lower data.seq_len")
+    check_eval_data(job.val_data, tc.batch_size, seq_len)
+    with open_run(run_dir, resume):
+        return _fit(job, tc, balance, seq_len, run_dir, resume, progress, on_event, allow_config_change)
+
+
+def _fit(job: Job, tc: TrainConfig, balance: BalanceConfig, seq_len: int, run_dir: Path, resume: bool,
+         progress: bool, on_event, allow_config_change: bool) -> RunResult:
     if tc.threads:
         torch.set_num_threads(tc.threads)
     model, train_data, val_data = job.model, job.train_data, job.val_data
     if tc.keep_host_memory and model.device.type == "cpu":
         keep_freed_host_memory()   # 18% faster ~100M-parameter CPU step: no fresh pages every step
-    (run_dir / "config.json").write_text(job.config_json)
     model.train()
     if tc.compile:
         compile_dense_parts(model)
@@ -261,24 +325,28 @@ def fit(job: Job, tc: TrainConfig, balance: BalanceConfig, seq_len: int, run_dir
     step, tokens, last_eval = 0, 0, {}
     if resume:
         ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise TrainingError(f"--resume: no checkpoint in {run_dir}/checkpoints; start without --resume")
+        reconcile_config(run_dir, job.config_json, int(ckpt.name.split("-")[1]), allow_config_change)
         state = load_checkpoint(ckpt, model, optimizer, job.load_weights)
         step, tokens = int(state["step"]), int(state["tokens"])
         balancer._frozen = bool(state.get("bias_frozen", False))
         if job.load_state is not None:
             job.load_state(dict(state.get("job", {})))
         truncate_metrics(run_dir / "metrics.jsonl", step)
-    elif (run_dir / "metrics.jsonl").exists() and latest_checkpoint(run_dir) is not None:
-        raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    elif (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()
+    else:   # a new run (open_run checked that nothing resumable is here): forget a run that never saved
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (run_dir / CHANGES).unlink(missing_ok=True)
+        write_record(run_dir, job.config_json)
 
     log = MetricsLog(run_dir)
     emit = on_event or (lambda kind, rec: None)
     last_ckpt: Path | None = latest_checkpoint(run_dir)
 
     def checkpoint() -> Path:
+        bad = nonfinite_tensors(model)
+        if bad:
+            raise TrainingError(
+                f"not saving step {step}: {len(bad)} tensor(s) hold NaN or inf (e.g. {bad[0]}). The last good "
+                f"checkpoint is {last_ckpt or '(none yet)'}; try a lower train.lr or train.dtype = 'float32'")
         state = {"tokens": tokens, "bias_frozen": balancer._frozen, "total_steps": total_steps}
         if job.state is not None:
             state["job"] = job.state()
@@ -322,8 +390,13 @@ def fit(job: Job, tc: TrainConfig, balance: BalanceConfig, seq_len: int, run_dir
                     step_loss += float(loss.detach()) / tc.grad_accum
                     step_aux += (float(aux.detach()) if aux is not None else 0.0) / tc.grad_accum
                 trainable = [p for p in model.parameters() if p.requires_grad]
-                grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip) if tc.grad_clip > 0
-                             else torch.tensor(0.0))
+                # max_norm=inf measures without clipping (the norm is checked, and logged, either way)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip if tc.grad_clip > 0 else math.inf)
+                if not math.isfinite(float(grad_norm)):
+                    raise TrainingError(
+                        f"the gradient norm became {float(grad_norm)} at step {step + 1}; stopping before the update "
+                        f"(the weights are unchanged). The last good checkpoint is {last_ckpt or '(none yet)'}. "
+                        "Try a lower train.lr, more train.warmup_steps, or train.dtype = 'float32'")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -368,13 +441,17 @@ def fit(job: Job, tc: TrainConfig, balance: BalanceConfig, seq_len: int, run_dir
         if job.finalize is not None:
             job.finalize(model, run_dir)
         elif last_ckpt is not None:  # the final model, where users look for it: RUN_DIR/model
-            tmp = run_dir / ".model.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(last_ckpt / "model", tmp)
-            shutil.rmtree(run_dir / "model", ignore_errors=True)
-            tmp.rename(run_dir / "model")
+            src = last_ckpt / "model"
+            write_dir(run_dir / "model", lambda tmp: [shutil.copy2(f, tmp / f.name) for f in src.iterdir()],
+                      kind=CHECKPOINT, overwrite=True)
         write_report(run_dir)
     return RunResult(run_dir, step, tokens, status, last_eval, last_ckpt)
+
+
+def nonfinite_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of floating-point parameters and buffers holding NaN or inf."""
+    return [k for k, v in model.state_dict().items()
+            if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all())]
 
 
 def _save_expert_load(run_dir: Path, share: np.ndarray, layer_ids: list[int]) -> None:

@@ -24,17 +24,20 @@ _SET = typer.Option("--set", help="Override a setting: --set train.steps=200 --s
 _BASE = typer.Option("--base", help="Checkpoint to start from (overrides finetune.base).")
 _RESUME = typer.Option("--resume", help="Continue from the newest checkpoint in --out.")
 _PROGRESS = typer.Option(help="Show the progress bar.")
+_ALLOW = typer.Option("--allow-config-change", help="With --resume: apply settings that differ from the run's "
+                      "record (refused by default; recorded in RUN_DIR/config_changes.jsonl).")
 
 
 def run_method(method: str, config: Path | None, out: Path | None, overrides: list[str] | None,
-               base: str | None, resume: bool, progress: bool) -> None:
+               base: str | None, resume: bool, progress: bool, allow_config_change: bool = False) -> None:
     from moelab.tune.config import load_finetune_config
     from moelab.tune.run import finetune
 
     cfg = load_finetune_config(config, overrides or [], method=method, base=base)
     run_dir = out or Path("runs") / f"ft-{method}-{config.stem if config else 'run'}"
     err.print(f"fine-tuning ({method}) {cfg.finetune.base} on {cfg.data.path} → {run_dir}")
-    result, summary = finetune(cfg, run_dir, resume=resume, progress=progress)
+    result, summary = finetune(cfg, run_dir, resume=resume, progress=progress,
+                               allow_config_change=allow_config_change)
     t, n = summary["trainable_params"], summary["total_params"]
     con = Console()
     con.print(f"trainable parameters: {t:,} of {n:,} ({100 * t / n:.3f}%)")
@@ -55,8 +58,9 @@ def _command(method: str, doc: str):
     @friendly
     def command(config: Annotated[Path, _CONFIG], out: Annotated[Path | None, _OUT] = None,
                 overrides: Annotated[list[str] | None, _SET] = None, base: Annotated[str | None, _BASE] = None,
-                resume: Annotated[bool, _RESUME] = False, progress: Annotated[bool, _PROGRESS] = True):
-        run_method(method, config, out, overrides, base, resume, progress)
+                resume: Annotated[bool, _RESUME] = False, progress: Annotated[bool, _PROGRESS] = True,
+                allow_config_change: Annotated[bool, _ALLOW] = False):
+        run_method(method, config, out, overrides, base, resume, progress, allow_config_change)
 
     command.__doc__ = doc
     command.__name__ = method

@@ -32,10 +32,11 @@ from moelab.data.sft import load_sft
 from moelab.data.tokenizer import load_tokenizer
 from moelab.data.tokens import TokenData
 from moelab.errors import CheckpointError, TrainingError
-from moelab.interop.atomic import CHECKPOINT, check_output_dir
+from moelab.interop.atomic import CHECKPOINT, check_output_dir, write_text
 from moelab.interop.checkpoint import load as load_checkpoint_dir
 from moelab.interop.checkpoint import save as save_model
 from moelab.train.loop import Job, RunResult, fit
+from moelab.train.run_dir import check_run_dir
 from moelab.tune.config import FinetuneConfig
 
 
@@ -154,20 +155,19 @@ def build_job(cfg: FinetuneConfig) -> tuple[Job, dict]:
 
 
 def finetune(cfg: FinetuneConfig, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
-             on_event=None) -> tuple[RunResult, dict]:
+             on_event=None, allow_config_change: bool = False) -> tuple[RunResult, dict]:
     """Fine-tune as configured; returns the run result and a summary (trainable parameters, data, sizes)."""
     run_dir = Path(run_dir)
+    check_run_dir(run_dir, resume)         # before loading anything: a refused run costs nothing
     job, summary = build_job(cfg)
     result = fit(job, cfg.train, cfg.balance, cfg.data.seq_len, run_dir, resume=resume, progress=progress,
-                 on_event=on_event)
+                 on_event=on_event, allow_config_change=allow_config_change)
     if result.status == "finished":
         out = {"lora": "adapter", "esft": "esft"}.get(cfg.method, "model")
         summary["result"] = str(run_dir / out)
         summary["result_bytes"] = sum(f.stat().st_size for f in (run_dir / out).rglob("*") if f.is_file())
         summary["last_eval"] = result.last_eval
-        tmp = run_dir / ".finetune.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, default=str))
-        tmp.replace(run_dir / "finetune.json")
+        write_text(run_dir / "finetune.json", json.dumps(summary, indent=2, default=str))
     return result, summary
 
 
