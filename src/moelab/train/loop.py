@@ -325,8 +325,10 @@ def _fit(job: Job, tc: TrainConfig, balance: BalanceConfig, seq_len: int, run_di
     step, tokens, last_eval = 0, 0, {}
     if resume:
         ckpt = latest_checkpoint(run_dir)
-        reconcile_config(run_dir, job.config_json, int(ckpt.name.split("-")[1]), allow_config_change)
+        record_changes = reconcile_config(run_dir, job.config_json, int(ckpt.name.split("-")[1]),
+                                          allow_config_change)
         state = load_checkpoint(ckpt, model, optimizer, job.load_weights)
+        record_changes()
         step, tokens = int(state["step"]), int(state["tokens"])
         balancer._frozen = bool(state.get("bias_frozen", False))
         if job.load_state is not None:

@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -228,30 +228,34 @@ def _show(diffs: dict[str, tuple]) -> str:
     return ", ".join(f"{k} {json.dumps(o)} → {json.dumps(n)}" for k, (o, n) in diffs.items())
 
 
-def reconcile_config(run_dir: Path, config_json: str, step: int, allow_change: bool) -> dict[str, tuple]:
-    """On resume: compare the settings with the record; refuse or record differences. Returns them."""
+def reconcile_config(run_dir: Path, config_json: str, step: int, allow_change: bool) -> Callable[[], None]:
+    """On resume: compare the settings with the record and refuse differences that change the run.
+
+    Returns a function that records the differences (call it once the checkpoint has loaded)."""
     old = recorded_config(run_dir)
     new = json.loads(config_json)
     if old is None:   # a run from before the record existed, or a lost record: start one
-        write_record(run_dir, config_json)
-        return {}
+        return lambda: write_record(run_dir, config_json)
     diffs = config_differences(old, new)
     if not diffs:
-        return {}
+        return lambda: None
     binding = {k: v for k, v in diffs.items() if k not in FREE_SETTINGS}
     if binding and not allow_change:
         raise TrainingError(
             f"--resume: these settings differ from the run's record ({record_names(run_dir)}): {_show(binding)}; "
             "the run would not continue as it started. Resume with the recorded settings, or pass "
             f"--allow-config-change to apply them (recorded in {CHANGES})")
-    note(f"resuming at step {step} with changed settings: {_show(diffs)} (recorded in {run_dir / CHANGES})")
-    record = {"step": step, "time": time.time(), "changes": {k: [o, n] for k, (o, n) in diffs.items()},
-              "config": new}
-    with open(run_dir / CHANGES, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    return diffs
+
+    def record() -> None:
+        note(f"resuming at step {step} with changed settings: {_show(diffs)} (recorded in {run_dir / CHANGES})")
+        line = {"step": step, "time": time.time(), "changes": {k: [o, n] for k, (o, n) in diffs.items()},
+                "config": new}
+        with open(run_dir / CHANGES, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    return record
 
 
 def write_record(run_dir: Path, config_json: str) -> None:

@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -77,11 +78,33 @@ def load_checkpoint(ckpt: Path, model, optimizer, load_weights=None) -> dict:
             load_weights(model, ckpt)
         else:
             load_state_into(model, weight_files(ckpt / "model"))
-        state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"cannot resume from {ckpt}: {e}") from None
-    optimizer.load_state_dict(state.pop("optimizer"))
-    torch.set_rng_state(state.pop("torch_rng"))
+        raise CheckpointError(f"cannot resume from {ckpt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                              ) from None
+    state = read_train_state(ckpt)
+    try:
+        optimizer.load_state_dict(state.pop("optimizer"))
+        torch.set_rng_state(state.pop("torch_rng"))
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"cannot resume from {ckpt}: its train_state.pt does not fit this run "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return state
+
+
+def read_train_state(ckpt: Path) -> dict:
+    """``train_state.pt``, read with ``weights_only=True`` (tensors and plain containers only: a file
+    that needs anything else is refused, never unpickled)."""
+    path = ckpt / "train_state.pt"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")      # torch's advice on such files is to unpickle them: no
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        state = None
+    if not isinstance(state, dict) or not {"optimizer", "step", "torch_rng"} <= state.keys():
+        raise CheckpointError(f"cannot resume from {ckpt}: {path.name} is not a training state written by moelab "
+                              "(damaged or replaced; it was not unpickled). Move this step directory out of "
+                              "checkpoints/ to resume from the one before")
     return state
