@@ -48,7 +48,8 @@ CHANGES = "config_changes.jsonl"
 #: Every top-level name a run writes (temporary names included).
 RUN_ENTRIES = (LOCK, RECORD, CHANGES, "metrics.jsonl", "tb", "checkpoints", "model", "adapter", "esft", "report",
                "expert_load.npy", "expert_load_layers.json", "finetune.json", "expert_load.tmp.npy",
-               ".model.tmp", ".finetune.json.tmp", ".*.tmp-*", ".*.old-*")
+               ".model.tmp", ".finetune.json.tmp", ".*.tmp-*", ".*.old-*",
+               "run.json", "result.json")   # an IsoFLOP sweep's plan and result for one of its runs
 #: Settings that do not change what is computed: a resume may change them freely (they are recorded).
 FREE_SETTINGS = ("train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",
                  "train.keep_last", "train.threads", "train.compile", "train.keep_host_memory",
