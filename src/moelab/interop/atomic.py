@@ -198,15 +198,21 @@ def write_dir(out: Path, write: Callable[[Path], None], *, kind: OutputKind, ove
     return out
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write a small text file atomically (temporary sibling, then rename); readable by everyone."""
+def write_file(path: Path, fill: Callable, mode: str = "w") -> None:
+    """Write one file atomically: ``fill(f)`` writes into a temporary sibling opened with ``mode``
+    ("w" text, "wb" binary), which then replaces ``path``; readable by everyone."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            fill(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temporary sibling, then rename)."""
+    write_file(path, lambda f: f.write(text))

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from moelab.errors import ConfigError, MoelabError
+from moelab.interop.atomic import write_file, write_text
 
 SMOOTH_STEPS = 100
 TRAIN_KEYS = ("step", "tokens", "loss", "lr", "tokens_per_s", "maxvio_batch")
@@ -179,27 +178,11 @@ def _si(x: float) -> str:
 def _save(fig: Figure, path: Path) -> None:
     """Render ``fig`` to PNG with Agg and move it into place atomically."""
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; a report is meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file(path, lambda f: fig.savefig(f, format="png", dpi=120), "wb")
 
 
 def _write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, text)
 
 
 def _tokens_axis(ax, steps: np.ndarray, tokens: np.ndarray) -> None:
