@@ -231,6 +231,22 @@ def test_a_second_run_in_a_locked_directory_refuses_and_a_dead_holder_does_not_b
     assert (work / "runs" / "c" / "model" / "model.safetensors").is_file()
 
 
+def test_two_runs_started_together_one_trains_the_other_refuses(work, corpus):
+    """The audit's case: two `moelab train --out runs/c` at once used to both exit 0 over one directory."""
+    args = [sys.executable, "-m", "moelab", "train", str(TINY), "--out", "runs/c",
+            *settings(corpus, "train.steps=30")]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=work)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 1], results
+    [err] = [e for code, e in results if code == 1]
+    assert "Traceback" not in err
+    assert "in use by another moelab run" in err or "already holds a run" in err
+    steps = [json.loads(x)["step"] for x in (work / "runs" / "c" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == list(range(1, 31))                      # one run's metrics, each step once
+
+
 # ------------------------------------------------------------------------------------------------
 # 5. NaN: no update applied, no non-finite checkpoint, the named checkpoint is good
 # ------------------------------------------------------------------------------------------------

@@ -272,14 +272,15 @@ def open_run(run_dir: Path, resume: bool) -> Iterator[Path]:
     run_dir = Path(run_dir)
     check_run_dir(run_dir, resume)
     created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir)
-    try:
-        lock.acquire()
-    except BaseException:
-        if created:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+    for attempt in range(3):   # a racing run may remove a directory it made and then gave up
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire()     # refused: the directory belongs to the run holding the lock; leave it be
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise TrainingError(f"{run_dir} keeps disappearing; is another program removing it?") from None
     ok = False
     try:
         check_run_dir(run_dir, resume)   # again, now that no other run can change it
@@ -290,6 +291,6 @@ def open_run(run_dir: Path, resume: bool) -> Iterator[Path]:
         yield run_dir
         ok = True
     finally:
-        lock.release()
         if not ok and created and set(os.listdir(run_dir)) <= {LOCK}:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.rmtree(run_dir, ignore_errors=True)   # refused before writing: take back the new dir
+        lock.release()
