@@ -34,6 +34,9 @@ from moelab.tune.esft_cli import esft_app
 app = typer.Typer(
     name="moelab", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="A toolkit for DeepSeek-style sparse language models (DeepSeekMoE, MLA, YaRN).",
+    # Help text is plain text: rich markup would swallow "[model]", "[train]", "moelab[hf]" (every
+    # sub-command inherits this mode). Plain help wraps at most at 100 columns.
+    rich_markup_mode=None, context_settings={"max_content_width": 100},
 )
 app.add_typer(data_app, name="data", help="Prepare corpora: train a tokenizer, write memory-mapped token files.")
 app.add_typer(finetune_app, name="finetune",

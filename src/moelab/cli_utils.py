@@ -6,6 +6,8 @@ Kept apart from :mod:`moelab.cli` so that sub-apps can use them while ``cli.py``
 from __future__ import annotations
 
 import functools
+import re
+import signal
 import warnings
 
 import typer
@@ -18,11 +20,88 @@ from moelab.errors import MoelabError
 err = Console(stderr=True)
 
 
+#: What libraries say when a write fails for lack of space: OSError texts without an errno (numpy),
+#: Rust's io::Error (safetensors, tokenizers) and torch.save's stream writer (which keeps no errno).
+_FULL_TEXTS = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122",
+               "not enough free space to write", "pytorchstreamwriter failed writing", "file write failed")
+
+
+def _noting_full_disk(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, turning an error that means "the disk is full" into a one-line
+    :class:`MoelabError`; every other exception passes through untouched."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        message = _disk_full_message(e)
+        if message is None:
+            raise
+    raise MoelabError(message)
+
+
+def _disk_full_message(e: BaseException) -> str | None:
+    """The one-line message for an exception that means "the disk (or quota) is full", else None.
+
+    Looks through the exception and its causes for ENOSPC / EDQUOT or the texts in :data:`_FULL_TEXTS`
+    (torch.save raises a RuntimeError that names no errno), and names the file being written: the
+    OSError's filename, else the innermost file open for writing (or path given to a ``save``) found
+    in the traceback.
+    """
+    import errno
+
+    codes = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+    full, filename, todo, seen = False, None, [e], set()
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        text = str(x).lower()
+        if isinstance(x, OSError) and x.errno in codes:
+            full, filename = True, filename or x.filename
+        elif any(t in text for t in _FULL_TEXTS) or ("inline_container" in text and "unexpected pos" in text):
+            full = True            # torch.save on a short write: "[enforce fail at inline_container.cc] unexpected pos"
+        todo += [x.__cause__, x.__context__]
+    if not full:
+        return None
+    filename = filename or _file_being_written(e.__traceback__)
+    if filename:   # name the result, not its temporary sibling: .OUT.tmp-PID-XXXX/f -> OUT/f
+        filename = re.sub(r"(^|/)\.([^/]+)\.tmp-\d+-[^/]+", r"\1\2", str(filename))
+        filename = re.sub(r"(^|/)\.tmp-(step-\d+)-[^/]+", r"\1\2", filename)
+    what = f"writing {filename}" if filename else "writing (no space left on device)"
+    return f"disk full while {what} (free some space, then run again; nothing was half-written)"
+
+
+def _file_being_written(tb) -> str | None:
+    """The innermost file open for writing, or path handed to a ``save``/``save_file``, in a traceback."""
+    import io
+    import os
+
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        try:
+            local = dict(frame.f_locals)
+        except Exception:   # noqa: BLE001 (best effort: a frame whose locals cannot be read)
+            continue
+        for value in local.values():
+            name, mode = getattr(value, "name", None), getattr(value, "mode", "")
+            if isinstance(value, io.IOBase) and isinstance(name, str) and any(c in str(mode) for c in "wax+"):
+                return name
+        if frame.f_code.co_name in ("save", "save_file"):
+            for key in ("f", "filename", "file", "path"):
+                if isinstance(local.get(key), str | os.PathLike):
+                    return os.fspath(local[key])
+    return None
+
+
 def friendly(fn):
     """Run a CLI command so that user errors are one line on stderr, not a stack trace.
 
-    A :class:`MoelabError` prints ``error: <message>`` and exits with status 1; Ctrl-C prints
-    ``interrupted`` and exits with 130. Python warnings raised meanwhile print as ``warning: <message>``.
+    A :class:`MoelabError` prints ``error: <message>`` and exits with status 1; so does a full disk (or
+    quota): ``error: disk full while writing <file> ...``. Ctrl-C prints ``interrupted`` and exits with 130.
+    Python warnings raised meanwhile print as ``warning: <message>``.
     """
 
     @functools.wraps(fn)
@@ -30,16 +109,125 @@ def friendly(fn):
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             try:
-                return fn(*args, **kwargs)
+                return _noting_full_disk(fn, *args, **kwargs)
             except MoelabError as e:
                 err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
             except KeyboardInterrupt:
+                _ignore_further_interrupts()
                 err.print("interrupted")
                 raise typer.Exit(130) from None
+            except typer.Exit as e:
+                if e.exit_code == 130:        # a command that stopped cleanly on Ctrl-C
+                    _ignore_further_interrupts()
+                raise
 
     return wrapper
 
 
+def _ignore_further_interrupts() -> None:
+    """After a Ctrl-C has been handled, the process only exits: another Ctrl-C (impatience) must not
+    break into the interpreter's exit handlers with "Exception ignored ... KeyboardInterrupt"."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:   # not the main thread
+        pass
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     err.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# option checks shared by the sub-apps (run before any work, so a bad option fails in a second)
+# ----------------------------------------------------------------------------------------------
+def resolve_device(device: str, option: str = "--device") -> str:
+    """The torch device ``device`` names (``auto``: cuda when available, else cpu), checked on this machine.
+
+    Raises a :class:`~moelab.errors.ConfigError` for a malformed name, CUDA on a machine without it, or a
+    CUDA index the machine does not have.
+    """
+    import torch
+
+    from moelab.errors import ConfigError
+
+    text = device.strip()
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"{option} {device}: not a device; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cpu":
+        return "cpu"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("torch built without CUDA" if torch.version.cuda is None and torch.version.hip is None
+                   else f"{torch.cuda.device_count()} devices")
+            raise ConfigError(f"{option} {device}: CUDA is not available on this machine ({why}); use {option} cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            have = "1 CUDA device (cuda:0)" if n == 1 else f"{n} CUDA devices (cuda:0 to cuda:{n - 1})"
+            raise ConfigError(f"{option} {device}: this machine has {have}; pick one of them or use {option} cpu")
+        return str(dev)
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"{option} {device}: MPS is not available on this machine; use {option} cpu")
+        return str(dev)
+    raise ConfigError(f"{option} {device}: moelab runs on cpu, cuda or mps devices (got {dev.type!r}); "
+                      f"use {option} cpu or {option} cuda")
+
+
+def _first_existing(path):
+    """``path`` or its nearest ancestor that exists (links followed)."""
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_out_dir(out, option: str = "--out") -> None:
+    """Refuse an output directory that cannot be one (an existing file, or a path under a file).
+
+    Nothing is created here: the command writes its files (and the directory) only when they are ready.
+    """
+    import os
+    from pathlib import Path
+
+    from moelab.errors import ConfigError
+
+    out = Path(out)
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{option} {out} is a file; give a directory")
+    if os.path.islink(out) and not out.exists():
+        raise ConfigError(f"{option} {out} is a broken symbolic link; give a directory")
+    base = _first_existing(out)
+    if not base.is_dir():
+        raise ConfigError(f"{option} {out}: {base} is a file, not a directory; give a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {out}: cannot write in {base} (permission denied); give another directory")
+
+
+def check_out_file(out, option: str = "--out", example: str = "out.json") -> None:
+    """Refuse an output file path that names a directory or lies under a file (nothing is created).
+
+    ``example``: a file name to suggest inside a directory given by mistake."""
+    import os
+    from pathlib import Path
+
+    from moelab.errors import ConfigError
+
+    out = Path(out)
+
+    if out.is_dir():
+        raise ConfigError(f"{option} {out} is a directory; give a file name (e.g. {out / example})")
+    if out.exists() and not out.is_file():
+        raise ConfigError(f"{option} {out} exists and is not a regular file; give another file name")
+    if os.path.islink(out) and not out.exists():
+        raise ConfigError(f"{option} {out} is a broken symbolic link; give another file name")
+    base = _first_existing(out.parent)
+    if not base.is_dir():
+        raise ConfigError(f"{option} {out}: {base} is a file, not a directory; give a path in a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {out}: cannot write in {base} (permission denied); give another path")

@@ -33,7 +33,8 @@ TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # allow_inf_nan=False: a float setting must be finite (nan / inf is refused, naming the key)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 class RopeScaling(_Strict):
@@ -340,9 +341,28 @@ def _format_validation_error(err: ValidationError, where: str, model: type[BaseM
             lines.append(f"unknown key '{loc}' in {where}{did_you_mean(str(e['loc'][-1]), fields)}")
         elif e["type"] == "value_error":
             lines.append(f"{where}: {str(e['msg']).removeprefix('Value error, ')}")
+        elif e["type"] == "finite_number":
+            lines.append(f"{loc} in {where} must be a finite number (got {e.get('input')!r})")
         else:
             lines.append(f"{loc} in {where}: {e['msg']} (got {e.get('input')!r})")
     return "invalid config — " + "; ".join(lines)
+
+
+def non_finite_settings(data: Any, prefix: str = "") -> list[str]:
+    """``"<key> must be a finite number (got nan)"`` for each inf / nan float in a nested settings dict.
+
+    For sections whose models do not refuse non-finite floats themselves (pydantic ``allow_inf_nan``).
+    """
+    found: list[str] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            found += non_finite_settings(value, f"{prefix}{key}.")
+    elif isinstance(data, list | tuple):
+        for value in data:
+            found += non_finite_settings(value, prefix)
+    elif isinstance(data, float) and not math.isfinite(data):
+        found.append(f"{prefix.rstrip('.')} must be a finite number (got {data})")
+    return found
 
 
 def make_config(values: dict[str, Any], where: str = "[model]") -> ModelConfig:
@@ -360,6 +380,8 @@ KNOWN_SECTIONS = {"model", "data", "train", "balance"}
 def read_toml(path: str | Path, sections: set[str] = KNOWN_SECTIONS, require_model: bool = True) -> dict[str, Any]:
     """Parse a TOML config, rejecting unknown sections (with a "did you mean")."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; give a TOML config file (e.g. configs/tiny.toml)")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from moelab.cli_utils import err, friendly
+from moelab.cli_utils import check_out_dir, err, friendly, resolve_device
 
 analyze_app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -41,12 +41,9 @@ _WITHIN = " within (half vs half)"
 
 
 def _load(model: str, device: str):
-    import torch
-
+    """``(model, tokenizer)`` on ``device`` (already checked with :func:`resolve_device`)."""
     from moelab.interop.hf_lm import load_causal_lm
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     m, tok = load_causal_lm(model)
     return m.to(device), tok
 
@@ -72,6 +69,7 @@ def routing(
     expert set covering COVERAGE of the load; between datasets: Jaccard of those sets, cosine and JS
     divergence of the load vectors. Writes routing.json, routing_load.png and routing_overlap.png."""
     from moelab.analysis.routing import (
+        check_data,
         collect_routing,
         load_samples,
         plot_routing_load,
@@ -85,6 +83,10 @@ def routing(
 
     if not 0 < coverage <= 1:
         raise ConfigError(f"--coverage must be in (0, 1] (got {coverage})")
+    check_out_dir(out)
+    device = resolve_device(device)
+    for spec in data:
+        check_data(spec, split, text_field)
     t0 = time.perf_counter()
     m, tok = _load(model, device)
     routed_layers(m)                                     # fail before reading data
@@ -96,7 +98,6 @@ def routing(
     report = routing_report(stats, coverage)
     report.update(model=model, data=dict(zip(report["names"], data, strict=True)), seq_len=seq_len,
                   seconds=round(time.perf_counter() - t0, 2))
-    out.mkdir(parents=True, exist_ok=True)
     files = [write_json(out / "routing.json", report), plot_routing_load(stats, out / "routing_load.png")]
     if len(stats) > 1:
         files.append(plot_routing_overlap(report, out / "routing_overlap.png"))
@@ -170,11 +171,12 @@ def activation(
     Writes activation.json, activation_counts.png, llmdcos.png and pruning.png."""
     from moelab.analysis.activation import PUBLISHED_THRESHOLDS, llmdcos, parameter_activation
     from moelab.analysis.pruning import layerwise_sparsity
-    from moelab.analysis.routing import data_kind, load_samples, unique_names
-    from moelab.errors import ConfigError
+    from moelab.analysis.routing import check_data, data_kind, load_samples, unique_names
 
-    if len(data) > 2:
-        raise ConfigError(f"give one or two datasets (got {len(data)}); compare more with several runs")
+    _check_activation_options(data, out, activation_threshold, activation_threshold_mode, sparsity, alpha, beta)
+    device = resolve_device(device)
+    for spec in dict.fromkeys([*data, *(s for s in (calib, eval_data) if s is not None and sparsity)]):
+        check_data(spec, split, text_field)
     t0 = time.perf_counter()
     m, tok = _load(model, device)
     vocab = m.config.vocab_size
@@ -219,7 +221,6 @@ def activation(
             curves[f"{a.name}{_WITHIN}"] = llmdcos(a, a, 0, 1)
     result["llmdcos"] = curves
     files = []
-    out.mkdir(parents=True, exist_ok=True)
     pruning_runs: dict[str, dict[float, float]] = {}
     ratios_by_s: dict[float, dict[int, float]] = {}
     dense_ppl = None
@@ -242,6 +243,32 @@ def activation(
     if not quiet:
         _activation_tables(result, counts, sizes, curves)
     err.print(f"wrote {', '.join(escape(str(f)) for f in files)} ({timings['total']:.1f} s)", highlight=False)
+
+
+def _check_activation_options(data, out, threshold, mode, sparsity, alpha, beta) -> None:
+    """Every check of `analyze activation`'s options that needs no model: run before any work or file."""
+    import math
+
+    from moelab.analysis.activation import THRESHOLD_MODES
+    from moelab.errors import ConfigError
+
+    if len(data) > 2:
+        raise ConfigError(f"give one or two datasets (got {len(data)}); compare more with several runs")
+    if mode not in THRESHOLD_MODES:
+        raise ConfigError(f"--activation-threshold-mode {mode!r} is unknown; use one of {', '.join(THRESHOLD_MODES)}")
+    if mode == "absolute" and not (threshold >= 0 and math.isfinite(threshold)):
+        raise ConfigError(f"--activation-threshold must be a number >= 0 in absolute mode (got {threshold})")
+    if mode == "quantile" and not 0 <= threshold < 1:
+        raise ConfigError(f"--activation-threshold must be in [0, 1) in quantile mode (got {threshold}); e.g. 0.9 "
+                          "counts the top 10% of weights as activated")
+    for S in sparsity or []:
+        if not 0 <= S < 1:
+            raise ConfigError(f"--sparsity must be in [0, 1) (got {S}); e.g. --sparsity 0.5 prunes half the weights")
+    if not math.isfinite(alpha):
+        raise ConfigError(f"--alpha must be a finite number (got {alpha}); the paper uses 2")
+    if not (beta >= 0 and math.isfinite(beta)):
+        raise ConfigError(f"--beta must be a finite number >= 0 (got {beta}); the paper uses 0.2")
+    check_out_dir(out)
 
 
 def _prune_sweep(m, tok, default_spec, calib, eval_data, n_calib, n_eval, seq_len, split, seed, text_field,

@@ -54,6 +54,7 @@ from torch import nn
 
 from moelab.analysis.probes_data import (
     DIGIT_LENGTHS,
+    MAX_DIGITS,
     PROMPT_TEMPLATES,
     PromptTokens,
     find_positions,
@@ -102,6 +103,12 @@ class ProbeSettings:
     steer_digits: int = 4
 
     def validate(self) -> None:
+        if not self.lengths:
+            raise ConfigError("give at least one operand length (e.g. 2-10, the paper's)")
+        bad = [d for d in self.lengths if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_DIGITS]
+        if bad:
+            raise ConfigError(f"operand lengths must be from 1 to {MAX_DIGITS} digits (got {bad[0]!r}); the paper "
+                              "uses 2-10")
         if self.prompt_variant not in PROMPT_TEMPLATES:
             raise ConfigError(f"unknown prompt variant {self.prompt_variant!r}; choose one of "
                               f"{', '.join(PROMPT_TEMPLATES)}")
@@ -113,8 +120,9 @@ class ProbeSettings:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
         if self.mlp_epochs < 0 or self.steer_n < 0:
             raise ConfigError("mlp-epochs and steer-n must be >= 0 (0 turns that part off)")
-        if self.steer_n and not 1 <= self.steer_digits <= 18:
-            raise ConfigError(f"steer-digits must be between 1 and 18 (got {self.steer_digits}); the paper uses 4")
+        if self.steer_n and not 1 <= self.steer_digits <= MAX_DIGITS:
+            raise ConfigError(f"steer-digits must be between 1 and {MAX_DIGITS} (got {self.steer_digits}); the paper "
+                              "uses 4")
         if self.steer_n and (not self.steer_alphas or not all(math.isfinite(a) for a in self.steer_alphas)):
             raise ConfigError(f"steer-alpha needs one or more finite numbers (got {self.steer_alphas}); the paper "
                               "uses 2")

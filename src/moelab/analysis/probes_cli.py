@@ -16,14 +16,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from moelab.cli_utils import err, friendly
+from moelab.cli_utils import check_out_dir, err, friendly
 from moelab.errors import ConfigError
 
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:[-–]\s*(\d+))?\s*$")
 
 
-def _int_list(text: str, name: str) -> tuple[int, ...]:
-    """``"14-19"``, ``"3,5,7"`` or ``"2-4,8"`` → a sorted tuple of ints."""
+def _int_list(text: str, name: str, low: int = 0, high: int = 10_000, what: str = "values") -> tuple[int, ...]:
+    """``"14-19"``, ``"3,5,7"`` or ``"2-4,8"`` → a sorted tuple of ints, each in ``[low, high]``."""
     out: set[int] = set()
     for part in text.split(","):
         m = _RANGE.match(part)
@@ -32,6 +32,8 @@ def _int_list(text: str, name: str) -> tuple[int, ...]:
         lo, hi = int(m[1]), int(m[2] or m[1])
         if hi < lo:
             raise ConfigError(f"{name}: range {part.strip()!r} runs backwards; write LOW-HIGH")
+        if lo < low or hi > high:
+            raise ConfigError(f"{name} {part.strip()}: {what} must be from {low} to {high}")
         out.update(range(lo, hi + 1))
     return tuple(sorted(out))
 
@@ -150,16 +152,19 @@ def probes(
     import torch
 
     from moelab.analysis.probes import ProbeSettings, run_probes, write_results
+    from moelab.analysis.probes_data import MAX_DIGITS
     from moelab.interop.hf_lm import load_causal_lm
 
-    if threads is not None:
-        torch.set_num_threads(threads)
     settings = ProbeSettings(
-        n_per_length=n, lengths=_int_list(lengths, "--lengths"), seed=seed, prompt_variant=prompt_variant,
+        n_per_length=n, lengths=_int_list(lengths, "--lengths", 1, MAX_DIGITS, "operand lengths (digits)"),
+        seed=seed, prompt_variant=prompt_variant,
         ridge_lambda=ridge_lambda, mlp_epochs=mlp_epochs, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        steer_layers=_int_list(steer_layers, "--steer-layers") if steer_layers else None,
+        steer_layers=_int_list(steer_layers, "--steer-layers", 0, 10_000, "residual states") if steer_layers else None,
         steer_alphas=tuple(steer_alpha or (2.0,)), steer_n=steer_n, steer_digits=steer_digits)
     settings.validate()
+    check_out_dir(out)
+    if threads is not None:
+        torch.set_num_threads(threads)
     if not quiet:
         err.print(f"loading {escape(model)} ...")
     lm, tokenizer = load_causal_lm(model)

@@ -32,6 +32,8 @@ from moelab.errors import ConfigError, DataError
 
 #: Operand lengths of the published data set (2–10 digits).
 DIGIT_LENGTHS = tuple(range(2, 11))
+#: Longest operand moelab draws: sums stay below 2**63 and the draws within Python's index range.
+MAX_DIGITS = 18
 #: The two spellings of the prompt (see the module docstring). ``{a}``/``{b}`` each appear once.
 PROMPT_TEMPLATES = {
     "code": "Question: What is the sum of {a} and {b} ?\nAnswer: ",
@@ -98,8 +100,9 @@ def make_problems(n_per_length: int = 1000, lengths=DIGIT_LENGTHS, seed: int = 0
                           f"leaves every split non-empty (got {n_per_length!r})")
     lengths = tuple(lengths)
     for d in lengths:
-        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-            raise ConfigError(f"operand lengths must be positive integers (got {d!r}); the paper uses 2-10")
+        if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_DIGITS:
+            raise ConfigError(f"operand lengths must be whole numbers from 1 to {MAX_DIGITS} digits (got {d!r}); "
+                              "the paper uses 2-10")
         _check_count(n_per_length, d)
     rng = random.Random(seed)
     exclude = exclude or set()

@@ -71,6 +71,23 @@ def data_kind(spec: str | os.PathLike) -> str:
     return "text"
 
 
+def check_data(spec: str | os.PathLike, split: str = "val", text_field: str = "text") -> None:
+    """Raise a :class:`DataError` unless ``spec`` names data :func:`load_samples` can read (cheap: no
+    tokenising), so that a command fails before it loads a model."""
+    kind = data_kind(spec)
+    if kind == "tokens":
+        from moelab.data.tokens import read_meta
+
+        meta_splits = read_meta(spec).get("splits", {})
+        if split not in meta_splits:
+            raise DataError(f"{spec} has no {split!r} split (it has {', '.join(meta_splits) or 'none'}); "
+                            "pass --split train (or another split)")
+    elif kind == "text":
+        from moelab.data.sources import Source
+
+        Source(spec, text_field)
+
+
 def dataset_name(spec: str | os.PathLike) -> str:
     """A short label for a dataset spec: the file stem or directory name (``shakespeare`` stays)."""
     p = Path(str(spec).rstrip("/"))
@@ -205,7 +222,7 @@ def load_samples(spec: str | os.PathLike, tokenizer, n: int, seq_len: int, *, se
 def _sft_samples(spec, tokenizer, n, seq_len, rng, seed, shots) -> list[torch.Tensor]:
     from moelab.data.sft import Example, pack, read_jsonl
 
-    convs = [m for _, m in read_jsonl(spec)]
+    convs = [m for _, m in read_jsonl(spec, skip_hint=None)]     # the analyze commands cannot skip lines
     if not convs:
         raise DataError(f"{spec} holds no examples")
     r = _Renderer(tokenizer)

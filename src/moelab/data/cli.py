@@ -19,7 +19,7 @@ from rich.markup import escape
 from moelab.cli_utils import err, friendly
 
 data_app = typer.Typer(
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
     help="Prepare pre-training data: train a byte-level BPE tokenizer and write token files.",
 )
 
@@ -47,6 +47,12 @@ def prepare(
     seed: Annotated[int, typer.Option(min=0, help="Seed of the train/val split.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing token directory.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or table.")] = False,
+    max_chunk_bytes: Annotated[int, typer.Option(
+        min=1024, help="Encode at most this many bytes of text at once; the tokenizer needs ~250 bytes of memory "
+        "per byte (the default, 1 MiB: ~0.3 GB). Longer documents are encoded in pieces cut before a space that "
+        "starts a word, which leaves their tokens unchanged; only where no such space is near (a single word "
+        "longer than 1/16 of this) is a piece cut mid-word, which can change the one or two tokens at that "
+        "cut.")] = 1 << 20,
 ):
     """Read SOURCE..., train a tokenizer on the train documents, and write OUT (tokens + tokenizer).
 
@@ -57,7 +63,8 @@ def prepare(
 
     run_prepare(sources, out, tokenizer, vocab_size=vocab_size, min_frequency=min_frequency,
                 val_fraction=val_fraction, val_docs=val_docs, seed=seed, text_field=text_field,
-                strict=strict, skip_bad=skip_bad, overwrite=overwrite, progress=not quiet, console=err)
+                strict=strict, skip_bad=skip_bad, overwrite=overwrite, progress=not quiet, console=err,
+                max_chunk_bytes=max_chunk_bytes)
 
 
 @data_app.command()
@@ -98,11 +105,12 @@ def tasks(
             --out runs/tasks/arith-test.jsonl
     """
     from moelab.data.sft import read_jsonl
-    from moelab.data.tasks import generate, write_jsonl
+    from moelab.data.tasks import check_jsonl_out, generate, write_jsonl
 
+    check_jsonl_out(out)   # before the (slow) generation
     seen = set()
     if exclude is not None:
-        seen = {m[0]["content"] for _, msgs in read_jsonl(exclude) for m in [msgs] if m[0]["role"] == "user"}
+        seen = {m[0]["content"] for _, msgs in read_jsonl(exclude, skip_hint=None) for m in [msgs] if m[0]["role"] == "user"}
     rows = generate(task, size, seed, exclude=seen)
     write_jsonl(rows, out)
     err.print(f"wrote {len(rows):,} examples to {escape(str(out))}, e.g. "

@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from moelab.data.sources import DataWarning
 from moelab.data.tokenizer import ASSISTANT, BOS, EOS, PAD, USER, load_tokenizer
 from moelab.errors import DataError
 
@@ -74,12 +76,19 @@ class SFTStats:
 
 # -- reading ------------------------------------------------------------------------------------------
 
-def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False,
-               stats: SFTStats | None = None) -> Iterator[tuple[str, list[dict]]]:
+#: How the user of a caller turns skipping malformed lines on: read_jsonl's own argument (the default),
+#: a fine-tuning run's setting (load_sft).
+LIBRARY_SKIP_HINT = "pass skip_malformed=True"
+FINETUNE_SKIP_HINT = "pass skip_malformed (--set data.skip_malformed=true)"
+
+
+def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False, stats: SFTStats | None = None,
+               skip_hint: str | None = LIBRARY_SKIP_HINT) -> Iterator[tuple[str, list[dict]]]:
     """Yield ``(where, messages)`` for each line of a chat or prompt/completion JSONL file.
 
     A malformed line raises :class:`DataError` naming the file and line, unless ``skip_malformed``,
-    which skips it and records it in ``stats.skipped``.
+    which skips it and records it in ``stats.skipped``. ``skip_hint`` tells the user how the caller
+    turns skipping on; a caller that cannot skip passes None, and the error only says to fix the line.
     """
     p = Path(path)
     if not p.is_file():
@@ -108,8 +117,9 @@ def read_jsonl(path: str | os.PathLike, skip_malformed: bool = False,
             except (json.JSONDecodeError, DataError) as e:
                 reason = f"not valid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
                 if not skip_malformed:
-                    raise DataError(f"{where}: {reason}; fix the line, or pass skip_malformed "
-                                    "(--set data.skip_malformed=true) to skip and count such lines") from None
+                    how = (f"fix the line, or {skip_hint} to skip and count such lines" if skip_hint
+                           else "fix or remove the line")
+                    raise DataError(f"{where}: {reason}; {how}") from None
                 stats.skipped.append(f"{where}: {reason}")
                 continue
             yield where, messages
@@ -330,19 +340,25 @@ def load_sft(path: str | os.PathLike, tokenizer: str | os.PathLike | Tokenizer, 
     stats = SFTStats()
     train_ex: list[Example] = []
     val_ex: list[Example] = []
-    for i, (where, msgs) in enumerate(read_jsonl(path, skip_malformed, stats)):
+    for i, (where, msgs) in enumerate(read_jsonl(path, skip_malformed, stats, FINETUNE_SKIP_HINT)):
         ex = fmt.render(msgs)
         (val_ex if val_path is None and _is_val(where, i, seed, val_fraction) else train_ex).append(ex)
     if val_path is not None:
-        val_ex = [fmt.render(m) for _, m in read_jsonl(val_path, skip_malformed, stats)]
+        val_ex = [fmt.render(m) for _, m in read_jsonl(val_path, skip_malformed, stats, FINETUNE_SKIP_HINT)]
     elif not val_ex and val_fraction > 0 and len(train_ex) >= 2:
         val_ex.append(train_ex.pop())
     stats.examples = len(train_ex) + len(val_ex)
     if not train_ex:
         raise DataError(f"{path} holds no usable examples ({stats.lines} lines, {len(stats.skipped)} skipped)")
-    splits = []
+    packed, split_stats = [], {}
     for name, exs in (("train", train_ex), ("val", val_ex)):
-        ids, labels = pack(exs, seq_len, fmt.pad, seed=seed, packing=packing, stats=stats)
+        split_stats[name] = SFTStats()
+        packed.append(pack(exs, seq_len, fmt.pad, seed=seed, packing=packing, stats=split_stats[name]))
+        stats.truncated += split_stats[name].truncated
+        stats.no_target += split_stats[name].no_target
+    _check_dropped(path, val_path, seq_len, train_ex, val_ex, packed, split_stats, stats)
+    splits = []
+    for (name, exs), (ids, labels) in zip((("train", train_ex), ("val", val_ex)), packed, strict=True):
         n_target = int((labels[:, 1:] != IGNORE).sum())
         answer_bytes = sum(e.answer_bytes for e in exs)
         bpt = answer_bytes / n_target if n_target else 1.0
@@ -353,13 +369,35 @@ def load_sft(path: str | os.PathLike, tokenizer: str | os.PathLike | Tokenizer, 
     return splits[0], splits[1], stats
 
 
+def _check_dropped(path, val_path, seq_len: int, train_ex: list, val_ex: list, packed: list,
+                   split_stats: dict[str, SFTStats], stats: SFTStats) -> None:
+    """Refuse a split whose every example was dropped (its prompt alone fills a row); warn, in one line,
+    when examples were truncated or dropped."""
+    how = f"prompt longer than seq_len ({seq_len}); raise data.seq_len or shorten the prompts"
+    if packed[0][0].shape[0] == 0:           # every train example dropped
+        n, d = len(train_ex), split_stats["train"].no_target
+        if val_path is None:                 # the val examples come from the same file
+            n, d = n + len(val_ex), d + split_stats["val"].no_target
+        raise DataError(f"{path}: {d} of {n} examples dropped: {how}")
+    if val_ex and packed[1][0].shape[0] == 0:
+        n, d = len(val_ex), split_stats["val"].no_target
+        where, what = (val_path, "examples") if val_path is not None else (path, "validation examples")
+        raise DataError(f"{where}: {d} of {n} {what} dropped: {how}")
+    if stats.truncated:
+        n = len(train_ex) + len(val_ex)
+        dropped = (f", {stats.no_target:,} of them dropped (prompt longer than seq_len)"
+                   if stats.no_target else "")
+        warnings.warn(f"{path}: {stats.truncated:,} of {n:,} examples are longer than seq_len ({seq_len}) and were "
+                      f"truncated{dropped}; raise data.seq_len to keep them whole", DataWarning, stacklevel=3)
+
+
 def pack_file(path: str | os.PathLike, tokenizer_path: str | os.PathLike, seq_len: int,
               n_sequences: int | None = None, template: Template = "deepseek",
               seed: int = 0) -> Iterator[torch.Tensor]:
     """Packed input rows (int64 ``[seq_len]``) of a whole SFT file, for scoring (e.g. ESFT)."""
     tok = load_tokenizer(tokenizer_path)
     fmt = ChatFormat(tok, template)
-    examples = [fmt.render(m) for _, m in read_jsonl(path)]
+    examples = [fmt.render(m) for _, m in read_jsonl(path, skip_hint=None)]   # callers cannot skip lines
     if not examples:
         raise DataError(f"{path} holds no examples")
     ids, _ = pack(examples, seq_len, fmt.pad, seed=seed)

@@ -78,9 +78,23 @@ def exact_match(prediction: str, answer: str) -> bool:
     return normalize(prediction) == normalize(answer)
 
 
+def check_jsonl_out(path: str | os.PathLike) -> Path:
+    """Refuse (a :class:`DataError`) an output path that is a directory or lies under a file."""
+    out = Path(path)
+    if out.is_dir():
+        raise DataError(f"--out {out} is a directory; give the JSON Lines file to write, e.g. "
+                        f"--out {out / 'tasks.jsonl'}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"--out {out}: {parent} is a file, not a directory; choose another path")
+            break
+    return out
+
+
 def write_jsonl(rows: list[dict], path: str | os.PathLike) -> Path:
     """Write rows as JSON Lines atomically (temp file, then rename)."""
-    out = Path(path)
+    out = check_jsonl_out(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:
@@ -94,4 +108,4 @@ def write_jsonl(rows: list[dict], path: str | os.PathLike) -> Path:
     return out
 
 
-__all__ = ["TASKS", "exact_match", "generate", "normalize", "write_jsonl"]
+__all__ = ["TASKS", "check_jsonl_out", "exact_match", "generate", "normalize", "write_jsonl"]

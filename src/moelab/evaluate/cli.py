@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from moelab.cli_utils import err, friendly
+from moelab.cli_utils import check_out_dir, check_out_file, err, friendly
 from moelab.errors import MoelabError
 
 eval_app = typer.Typer(
@@ -164,6 +164,7 @@ def ump_data(
 
     from moelab.evaluate.ump import generate_ump, write_items
 
+    check_out_file(out, example="items.jsonl")
     items = generate_ump(n, seed)
     write_items(items, out)
     counts = Counter(i.category for i in items)
@@ -194,9 +195,19 @@ def ump(
     The problems are generated here (the paper's data is not public) and the CCC prompt is a reconstruction
     (its wording is unpublished); flags are judged by rules (moelab.evaluate.ump_judge). Greedy decoding.
     """
-    from moelab.evaluate.ump import generate_ump, read_items, results_table, run_ump, write_report
+    from moelab.evaluate.ump import (
+        generate_ump,
+        load_template,
+        read_items,
+        results_table,
+        run_ump,
+        write_report,
+    )
 
     modes = _modes(mode)
+    check_out_dir(out)
+    for m in modes:
+        load_template(m, ccc_template)          # a missing or broken --ccc-template fails before the model loads
     items = read_items(data)[:n] if data is not None else generate_ump(n, seed)
     m, tok = _load(model)
     t0 = time.perf_counter()

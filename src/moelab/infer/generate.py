@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from moelab.errors import MoelabError
+from moelab.errors import CheckpointError, MoelabError
 from moelab.infer.sampling import SamplingConfig, sample_next
 from moelab.model.transformer import DeepSeekForCausalLM
 
@@ -51,6 +51,7 @@ def generate(model: DeepSeekForCausalLM, input_ids: torch.Tensor, max_new_tokens
     out = [input_ids]
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
+        _check_finite(model, logits, step)
         nxt = sample_next(logits, sampling, gen)
         if eos_token_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
@@ -64,3 +65,19 @@ def generate(model: DeepSeekForCausalLM, input_ids: torch.Tensor, max_new_tokens
             mask = torch.cat((mask, mask.new_ones(B, 1)), dim=1)
         logits = model(nxt[:, None], attention_mask=mask, cache=cache).logits[:, -1]
     return torch.cat(out, dim=1)
+
+
+def _check_finite(model: DeepSeekForCausalLM, logits: torch.Tensor, step: int) -> None:
+    """Refuse non-finite logits ``[B, V]`` (a NaN/inf in the weights or an overflow) before a token is drawn.
+
+    One reduction per step; the weights are searched only once something is wrong.
+    """
+    if bool(torch.isfinite(logits).all()):
+        return
+    bad = [name for name, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(f"the model produced non-finite logits at step {step + 1}; the checkpoint's weights may "
+                              f"be corrupt (non-finite values in {', '.join(bad[:3])}{more})")
+    raise CheckpointError(f"the model produced non-finite logits at step {step + 1} although its weights are finite "
+                          f"(numerical overflow in {str(model.dtype).removeprefix('torch.')}?); try float32 weights")

@@ -121,12 +121,27 @@ class DeepSeekForCausalLM(nn.Module):
     @classmethod
     def from_config(cls, cfg: ModelConfig, seed: int | None = None, device="cpu",
                     dtype: torch.dtype = torch.float32) -> DeepSeekForCausalLM:
-        """A freshly initialised model (normal(0, initializer_range) weights, unit norms, zero biases)."""
+        """A freshly initialised model (normal(0, initializer_range) weights, unit norms, zero biases).
+
+        Refuses (a :class:`~moelab.errors.ConfigError`) a CPU model whose weights do not fit in the
+        memory available, before allocating anything.
+        """
+        from moelab.model.accounting import allocation_error, check_weights_fit
+
         with torch.device("meta"):
             model = cls(cfg)
-        model.to_empty(device=device)
-        model.init_weights(seed)
-        return model.to(dtype)
+        n_params = sum(p.numel() for p in model.parameters())
+        check_weights_fit(cfg, n_params, dtype, device)
+        try:
+            model.to_empty(device=device)
+            model.init_weights(seed)
+            return model.to(dtype)
+        except (MemoryError, RuntimeError) as e:
+            error = allocation_error(e, cfg, n_params, dtype)
+            if error is None:
+                raise
+        del model
+        raise error from None
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:

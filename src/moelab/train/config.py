@@ -17,7 +17,8 @@ from moelab.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float setting must be finite (`--set train.lr=nan` is refused by name)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -53,7 +54,7 @@ class TrainConfig(_Section):
     grad_clip: float = 1.0              # 0 = off
     dtype: Literal["bfloat16", "float32"] = "bfloat16"   # autocast dtype; weights stay fp32
     seed: int = 0
-    threads: int | None = None          # torch intra-op threads (None: torch's default)
+    threads: int | None = None          # torch intra-op threads (None or 0: torch's default)
     keep_host_memory: bool = True       # CPU: glibc keeps freed blocks for reuse (no per-step page faults;
                                         # RSS stays near its peak) — moelab.train.host_memory
     compile: bool = False               # torch.compile the blocks' dense parts (attention, norms, dense and
@@ -79,6 +80,8 @@ class TrainConfig(_Section):
             p.append(f"train.lr must be positive (got {self.lr})")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             p.append("train.warmup_steps, grad_clip and weight_decay must not be negative")
+        if self.threads is not None and self.threads < 0:
+            p.append(f"train.threads must be >= 0 (got {self.threads}); 0 or unset uses PyTorch's default")
         if p:
             raise ValueError("; ".join(p))
         return self

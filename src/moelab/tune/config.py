@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from moelab.config import _format_validation_error, read_toml
+from moelab.config import _format_validation_error, non_finite_settings, read_toml
 from moelab.errors import ConfigError
 from moelab.train.config import BalanceConfig, TrainConfig, apply_overrides
 from moelab.tune.lora import LoraSettings
@@ -38,7 +38,7 @@ SECTIONS = {"finetune", "data", "train", "balance", "lora", "plora", "esft"}
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class FinetuneSection(_Section):
@@ -96,6 +96,16 @@ class FinetuneConfig(BaseModel):
     @property
     def method(self) -> str:
         return self.finetune.method or "full"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite(cls, data):
+        # [lora] and [plora] are defined elsewhere and accept nan / inf; refuse them here by key
+        if isinstance(data, dict):
+            bad = non_finite_settings({k: data[k] for k in ("lora", "plora") if k in data})
+            if bad:
+                raise ValueError("; ".join(bad))
+        return data
 
     @model_validator(mode="after")
     def _check(self):

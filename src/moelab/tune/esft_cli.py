@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from moelab.cli_utils import err, friendly
+from moelab.cli_utils import check_out_file, err, friendly, resolve_device
 
 esft_app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -35,6 +35,7 @@ def _batches(data: Path, model_dir: Path, tokenizer: Path | None, samples: int, 
 
     from moelab.errors import DataError
 
+    _check_data(data)
     if data.is_dir():
         from moelab.data.tokens import TokenData
 
@@ -43,12 +44,6 @@ def _batches(data: Path, model_dir: Path, tokenizer: Path | None, samples: int, 
             x, _ = tokens.batch(batch_size, seq_len, step=step, seed=seed)
             yield x[:samples - step * batch_size]
         return
-    if not data.is_file():
-        raise DataError(f"data not found: {data}; give a token directory (`moelab data prepare`) or a "
-                        ".jsonl SFT file")
-    if data.suffix.lower() not in (".jsonl", ".json"):
-        raise DataError(f"{data} is neither a token directory nor a .jsonl SFT file; prepare pre-training "
-                        "text with `moelab data prepare`, or give JSON Lines with prompt/response records")
     try:
         from moelab.data.sft import pack_file
     except ImportError as e:
@@ -65,6 +60,20 @@ def _batches(data: Path, model_dir: Path, tokenizer: Path | None, samples: int, 
             rows = []
     if rows:
         yield torch.stack(rows)
+
+
+def _check_data(data: Path) -> None:
+    """Fail before the model loads when DATA is neither a token directory nor a JSON Lines file."""
+    from moelab.errors import DataError
+
+    if data.is_dir():
+        return                                  # TokenData names what a token directory lacks
+    if not data.is_file():
+        raise DataError(f"data not found: {data}; give a token directory (`moelab data prepare`) or a "
+                        ".jsonl SFT file")
+    if data.suffix.lower() not in (".jsonl", ".json"):
+        raise DataError(f"{data} is neither a token directory nor a .jsonl SFT file; prepare pre-training "
+                        "text with `moelab data prepare`, or give JSON Lines with prompt/response records")
 
 
 def _select_count(row: dict, p: float) -> int:
@@ -100,16 +109,15 @@ def score(
     Token score: the share of the layer's top-k slots an expert gets; gate score: the mean weight the
     layer gives it. Averaged per sequence, then over sequences.
     """
-    import torch
-
     from moelab.errors import ConfigError
     from moelab.interop.checkpoint import load
     from moelab.tune.esft import SCORE_NORMS, score_experts, write_summary
 
     if norm not in SCORE_NORMS:
         raise ConfigError(f"unknown --norm {norm!r}; use one of {', '.join(SCORE_NORMS)}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_out_file(out, example="summary.json")
+    _check_data(data)
+    device = resolve_device(device)
     model = load(model_dir, dtype=dtype, device=device, progress=not quiet)
     if seq_len > model.config.max_position_embeddings:
         warnings.warn(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
@@ -160,6 +168,7 @@ def select(
     """Pick the experts to train in each layer from SUMMARY and write OUT (expert_cfg.json)."""
     from moelab.tune.esft import read_summary, select_experts, write_expert_config
 
+    check_out_file(out, example="expert_cfg.json")
     cfg = select_experts(read_summary(summary), score, p, train_shared_experts, train_non_expert_modules)
     write_expert_config(cfg, out)
     t = Table(title=f"ESFT experts ({escape(score)} score, p={p})", title_justify="left", caption_justify="left")
