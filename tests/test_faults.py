@@ -445,3 +445,16 @@ def test_second_ctrl_c_while_exiting_is_quiet(work, corpus):
     assert p.returncode == 130, err
     assert "interrupted: checkpoint" in err and "--resume" in err
     assert "Traceback" not in err and "Exception ignored" not in err and "KeyboardInterrupt" not in err
+
+
+def test_finetune_reports_truncated_and_dropped_examples(ckpt, work):
+    """Item 10: every fine-tuning run says how many examples seq_len cut or dropped."""
+    rows = [{"prompt": f"what is {i}?", "completion": "ok"} for i in range(16)]
+    rows += [{"prompt": "x " * 40, "completion": "too long"} for _ in range(3)]              # dropped
+    rows += [{"prompt": "short", "completion": "y " * 40} for _ in range(2)]               # truncated
+    (work / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (work / "ft.toml").write_text(f'[finetune]\nbase = "{ckpt}"\n[data]\npath = "sft.jsonl"\nseq_len = 32\n'
+                                  'val_fraction = 0.2\n[train]\nsteps = 2\nbatch_size = 2\ndtype = "float32"\n')
+    out = cli("finetune", "full", "ft.toml", "--out", "runs/ft", "--no-progress")
+    assert "truncated and 3 dropped (longer than data.seq_len 32)" in out
+    assert json.loads(Path("runs/ft/finetune.json").read_text())["dropped_examples"] == 3

@@ -36,7 +36,7 @@ from moelab.interop.atomic import CHECKPOINT, check_output_dir, write_text
 from moelab.interop.checkpoint import load as load_checkpoint_dir
 from moelab.interop.checkpoint import save as save_model
 from moelab.train.loop import Job, RunResult, fit
-from moelab.train.run_dir import check_run_dir
+from moelab.train.run_dir import check_run_dir, note
 from moelab.tune.config import FinetuneConfig
 
 
@@ -106,7 +106,7 @@ def build_job(cfg: FinetuneConfig) -> tuple[Job, dict]:
     summary = {"method": method, "base": str(base), "data": dc.path, "train_examples": train_data.meta["examples"],
                "val_examples": val_data.meta["examples"], "train_rows": len(train_data),
                "target_tokens": train_data.target_tokens, "skipped_lines": len(stats.skipped),
-               "truncated_examples": stats.truncated}
+               "truncated_examples": stats.truncated, "dropped_examples": stats.no_target}
     job = Job(model=model, train_data=train_data, val_data=val_data, config_json=cfg.model_dump_json(indent=2),
               tokenizer_file=base / "tokenizer.json", extra_evals=extra, kind=method)
     tok_file = base / "tokenizer.json"
@@ -160,6 +160,9 @@ def finetune(cfg: FinetuneConfig, run_dir: str | os.PathLike, resume: bool = Fal
     run_dir = Path(run_dir)
     check_run_dir(run_dir, resume)         # before loading anything: a refused run costs nothing
     job, summary = build_job(cfg)
+    note(f"data: {summary['train_examples']:,} train / {summary['val_examples']:,} val examples; "
+         f"{summary['truncated_examples']:,} truncated and {summary['dropped_examples']:,} dropped (longer "
+         f"than data.seq_len {cfg.data.seq_len}); {summary['skipped_lines']:,} malformed lines skipped")
     result = fit(job, cfg.train, cfg.balance, cfg.data.seq_len, run_dir, resume=resume, progress=progress,
                  on_event=on_event, allow_config_change=allow_config_change)
     if result.status == "finished":
