@@ -16,12 +16,14 @@ from torch import nn
 
 from moelab.config import ModelConfig
 from moelab.model.cache import DecodingCache
+from moelab.model.experts import RoutedExperts
 from moelab.model.mha import GroupedQueryAttention
 from moelab.model.mla import MultiHeadLatentAttention
 from moelab.model.mlp import SwiGLU
 from moelab.model.moe import DeepSeekMoE
 from moelab.model.norm import RMSNorm
 from moelab.model.rope import RotaryEmbedding
+from moelab.model.router import Router
 
 
 @dataclass
@@ -156,11 +158,10 @@ class DeepSeekForCausalLM(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=std)
-            elif hasattr(m, "reset_parameters") and not isinstance(m, nn.Linear | nn.Embedding):
-                try:
-                    m.reset_parameters(std)
-                except TypeError:
-                    m.reset_parameters()
+            elif isinstance(m, RoutedExperts | Router):     # stacked expert weights, router weight: drawn
+                m.reset_parameters(std)
+            elif isinstance(m, RMSNorm | RotaryEmbedding):  # ones, and RoPE tables: nothing to draw
+                m.reset_parameters()
         if seed is not None:
             torch.random.set_rng_state(gen_state)
 

@@ -90,6 +90,13 @@ class Balancer:
         c = self.cfg
         return (c.method == "aux_loss" and (c.aux_alpha > 0 or c.device_alpha > 0)) or c.seq_aux_alpha > 0
 
+    def state_dict(self) -> dict:
+        """What a checkpoint must carry beyond the model (the bias itself is a model buffer)."""
+        return {"bias_frozen": self._frozen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._frozen = bool(state.get("bias_frozen", False))
+
     def detach(self) -> None:
         for m in self.layers:
             if self._observe in m.routing_observers:

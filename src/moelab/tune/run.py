@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from moelab.data.sft import load_sft
 from moelab.data.tokenizer import load_tokenizer
@@ -38,6 +36,7 @@ from moelab.interop.checkpoint import save as save_model
 from moelab.train.loop import Job, RunResult, fit
 from moelab.train.run_dir import check_run_dir, note
 from moelab.tune.config import FinetuneConfig
+from moelab.tune.jobs import EsftJob, FullJob, LoraJob, PLoraJob
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
@@ -50,29 +49,6 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total
-
-
-def _save_state(model, ckpt_dir: Path) -> None:
-    """Every tensor of the in-memory model (LoRA / ESFT ones included) into ``state.safetensors``."""
-    state, seen = {}, {}
-    for k, v in model.state_dict().items():
-        v = v.detach()
-        key = (v.data_ptr(), v.shape, v.dtype) if v.numel() else None
-        state[k] = v.clone() if key in seen else v.contiguous()   # safetensors refuses shared storage
-        if key is not None:
-            seen[key] = k
-    save_file(state, str(ckpt_dir / "state.safetensors"), metadata={"format": "pt"})
-
-
-def _load_state(model, ckpt_dir: Path) -> None:
-    path = ckpt_dir / "state.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"{ckpt_dir} has no state.safetensors; it was not written by `moelab finetune`")
-    try:
-        model.load_state_dict(load_file(str(path)), strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not match this fine-tuning setup (same method, LoRA and ESFT "
-                              f"settings?): {str(e).splitlines()[0]}") from None
 
 
 def build_job(cfg: FinetuneConfig) -> tuple[Job, dict]:
@@ -107,46 +83,27 @@ def build_job(cfg: FinetuneConfig) -> tuple[Job, dict]:
                "val_examples": val_data.meta["examples"], "train_rows": len(train_data),
                "target_tokens": train_data.target_tokens, "skipped_lines": len(stats.skipped),
                "truncated_examples": stats.truncated, "dropped_examples": stats.no_target}
-    job = Job(model=model, train_data=train_data, val_data=val_data, config_json=cfg.model_dump_json(indent=2),
-              tokenizer_file=base / "tokenizer.json", extra_evals=extra, kind=method)
-    tok_file = base / "tokenizer.json"
-
+    common = dict(model=model, train_data=train_data, val_data=val_data, config_json=cfg.model_dump_json(indent=2),
+                  tokenizer_file=base / "tokenizer.json", extra_evals=extra, kind=method)
     if method == "full":
-        job.finalize = lambda m, run_dir: save_model(m, run_dir / "model", tokenizer=tok_file)
+        job = FullJob(**common)
     elif method in ("lora", "plora"):
-        from moelab.tune.lora import apply_lora, merge_lora, save_adapter
+        from moelab.tune.lora import apply_lora
 
-        info = apply_lora(model, cfg.lora)
-        summary["adapted"] = len(info.adapted)
-        job.save_weights, job.load_weights = _save_state, _load_state
+        summary["adapted"] = len(apply_lora(model, cfg.lora).adapted)
         if method == "lora":
-            job.finalize = lambda m, run_dir: save_adapter(m, run_dir / "adapter", str(base), cfg.lora)
+            job = LoraJob(**common, base=str(base), settings=cfg.lora)
         else:
             from moelab.tune.plora import PeriodicLoRA
 
-            plora = PeriodicLoRA(model, cfg.plora)
-            job.after_step = plora.after_step
-            job.schedule_step = plora.schedule_step
-            job.state, job.load_state = plora.state_dict, plora.load_state_dict
-
-            def finalize(m, run_dir):
-                merge_lora(m)
-                save_model(m, run_dir / "model", tokenizer=tok_file)
-
-            job.finalize = finalize
+            job = PLoraJob(**common, plora=PeriodicLoRA(model, cfg.plora))
     elif method == "esft":
-        from moelab.tune.esft import apply_esft, read_expert_config, save_esft
+        from moelab.tune.esft import apply_esft, read_expert_config
 
         expert_cfg = read_expert_config(cfg.esft.expert_config, model)
         apply_esft(model, expert_cfg)
         summary["experts_per_layer"] = {k: len(v) for k, v in expert_cfg["experts"].items()}
-        job.save_weights, job.load_weights = _save_state, _load_state
-
-        def finalize(m, run_dir):
-            save_esft(m, expert_cfg, run_dir / "esft")
-            shutil.copy2(tok_file, run_dir / "esft" / "tokenizer.json")
-
-        job.finalize = finalize
+        job = EsftJob(**common, expert_cfg=expert_cfg)
     else:  # pragma: no cover (validated by the config)
         raise TrainingError(f"unknown method {method}")
     summary["trainable_params"] = count_params(model)[0]

@@ -1,0 +1,63 @@
+"""Validation during training: loss (nats/token), perplexity, bits per byte and MaxVio_global.
+
+    for x, y in data.eval_batches(B, T, max_batches):     # x, y [B, T]; targets == -100 carry no loss
+        sum += CE(model(x).logits [B, T, V], y, reduction="sum");  count += #(y != -100)
+    val_loss = sum / count
+
+Evaluation forwards never move the loss-free bias (the balancer only counts them, for MaxVio_global).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from moelab.errors import TrainingError
+from moelab.train.balance import Balancer
+from moelab.train.step import IGNORE, autocast_ctx
+
+
+@torch.no_grad()
+def evaluate(model, data, batch_size: int, seq_len: int, max_batches: int, dtype: str,
+             balancer: Balancer | None = None) -> dict:
+    """Validation loss (nats/token), perplexity, bits per byte and MaxVio_global."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    ctx = balancer.measure() if balancer is not None else nullcontext()
+    with ctx:
+        for x, y in data.eval_batches(batch_size, seq_len, max_batches):
+            with autocast_ctx(dtype, model.device):
+                logits = model(x.to(model.device)).logits
+            y = y.to(model.device)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=IGNORE)
+            total += float(loss)
+            count += int((y != IGNORE).sum())
+    model.train(was_training)
+    if count == 0:
+        raise TrainingError("the validation split is too small for one evaluation window; "
+                            "lower data.seq_len or prepare more validation data")
+    val_loss = total / count
+    out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+           "val_bpb": val_loss / math.log(2) / data.bytes_per_token, "val_tokens": count}
+    if balancer is not None:
+        out.update(balancer.global_stats())
+    return out
+
+
+
+def check_eval_data(val_data, batch_size: int, seq_len: int) -> None:
+    """A validation split too small for one evaluation would fail at the first evaluation: fail now."""
+    n = val_data.n_eval_windows(seq_len) if hasattr(val_data, "n_eval_windows") else len(val_data)
+    if n == 0:
+        where = getattr(val_data, "path", "the data")
+        size = f" has {val_data.n_tokens} tokens, which" if hasattr(val_data, "n_tokens") else ""
+        raise TrainingError(f"the validation split of {where}{size} is too small for one evaluation window of "
+                            f"data.seq_len + 1 = {seq_len + 1} tokens; prepare the data with more "
+                            "documents held out (moelab data prepare --val-docs N / --val-fraction F), or "
+                            "lower data.seq_len")
+
+
