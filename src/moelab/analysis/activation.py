@@ -53,6 +53,11 @@ import torch
 from torch import nn
 
 from moelab.errors import ConfigError, DataError
+from moelab.lm.logits import forward_logits, model_device
+
+#: The old name of :func:`moelab.lm.logits.forward_logits` (``lm_logits(model, ids, last_only=True)``),
+#: kept for callers of this module's API.
+lm_logits = forward_logits
 
 MAX_DIM = 15000
 DEFAULT_THRESHOLD = 2e-5
@@ -102,17 +107,6 @@ def _stacked_expert_params(model: nn.Module) -> set[str]:
                 if p.dim() == 3:
                     names.add(f"{mod_name}.{pn}")
     return names
-
-
-def lm_logits(model: nn.Module, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-    """``[B, T, V]`` logits (``[B, 1, V]`` with ``last_only``) of a moelab or transformers causal LM."""
-    from moelab.model.transformer import DeepSeekForCausalLM
-
-    kw: dict = {"logits_to_keep": 1} if last_only else {}
-    if not isinstance(model, DeepSeekForCausalLM):
-        kw["use_cache"] = False
-    out = model(ids, **kw)
-    return out.logits if hasattr(out, "logits") else out[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +211,7 @@ def parameter_activation(model: nn.Module, samples: Sequence[torch.Tensor], name
     if not samples:
         raise DataError(f"{name}: no samples to measure; give at least one sequence")
     scope = activation_scope(model, max_dim)
-    device = next(model.parameters()).device
+    device = model_device(model)
     flags = {p: p.requires_grad for p in model.parameters()}
     sums: tuple[dict, dict] = ({}, {})
     for half in sums:
@@ -239,7 +233,7 @@ def parameter_activation(model: nn.Module, samples: Sequence[torch.Tensor], name
                     s.param.grad = None
                 ids = ids.reshape(1, -1).to(device)
                 with torch.enable_grad():
-                    top = lm_logits(model, ids, last_only=True)[0, -1].max()        # D(s)
+                    top = forward_logits(model, ids, last_only=True)[0, -1].max()    # D(s)
                     top.backward()
                 acc = sums[k % 2]
                 for s in scope:

@@ -63,6 +63,8 @@ from moelab.analysis.probes_data import (
     render_prompt,
 )
 from moelab.errors import ConfigError, MoelabError
+from moelab.lm.logits import is_moelab, model_device
+from moelab.lm.padding import left_pad
 
 TARGETS = ("a", "b", "o", "sum")
 #: which hidden-state position each target is read at
@@ -219,10 +221,6 @@ def _bar(progress: bool, console: Console | None) -> Progress:
                     console=console or Console(stderr=True), transient=True, disable=not progress)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.inference_mode()
 def collect_states(model: nn.Module, tokens: PromptTokens, batch_size: int = 32, progress: bool = False,
                    console: Console | None = None) -> dict[str, np.ndarray]:
@@ -235,7 +233,7 @@ def collect_states(model: nn.Module, tokens: PromptTokens, batch_size: int = 32,
     n = len(tokens.input_ids)
     pos = {"a": tokens.pos_a, "b": tokens.pos_b, "last": tokens.pos_last}
     out: dict[str, np.ndarray] = {}
-    dev = _device(model)
+    dev = model_device(model)
     with capture_states(model) as states, _bar(progress, console) as bar:
         task = bar.add_task("hidden states", total=n)
         for s in range(0, n, batch_size):
@@ -259,16 +257,6 @@ def collect_states(model: nn.Module, tokens: PromptTokens, batch_size: int = 32,
 # --------------------------------------------------------------------------------------------------
 # greedy answers
 # --------------------------------------------------------------------------------------------------
-def _left_pad(chunk: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(c) for c in chunk)
-    ids = torch.full((len(chunk), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(chunk), T), dtype=torch.long)
-    for i, c in enumerate(chunk):
-        ids[i, T - len(c):] = torch.tensor(c)
-        mask[i, T - len(c):] = 1
-    return ids, mask
-
-
 def _first_line_done(tokenizer, prompt_len: int):
     """A transformers stopping criterion: a row is done once its first non-empty generated line has ended."""
     from transformers import StoppingCriteria
@@ -290,20 +278,18 @@ def generate_answers(model: nn.Module, tokenizer, input_ids: list[list[int]], ma
     Left-padded batches; a row stops at EOS, at the end of its first non-empty line (transformers models)
     or after ``max_new_tokens``. A number cut off by the token limit gives None.
     """
-    from moelab.model.transformer import DeepSeekForCausalLM
-
     model.eval()
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
-    dev = _device(model)
+    dev = model_device(model)
     results: list[tuple[str, int | None]] = []
     with _bar(progress, console) as bar:
         task = bar.add_task(desc, total=len(input_ids))
         for s in range(0, len(input_ids), batch_size):
-            ids, mask = _left_pad(input_ids[s:s + batch_size], pad)
+            ids, mask = left_pad(input_ids[s:s + batch_size], pad)
             ids, mask = ids.to(dev), mask.to(dev)
             T = ids.shape[1]
-            if isinstance(model, DeepSeekForCausalLM):
+            if is_moelab(model):
                 from moelab.infer.generate import generate
 
                 seq = generate(model, ids, max_new_tokens, eos_token_id=eos, attention_mask=mask)

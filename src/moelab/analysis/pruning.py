@@ -47,9 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelab.analysis.activation import MAX_DIM, ScopeParam, activation_scope, lm_logits
+from moelab.analysis.activation import MAX_DIM, ScopeParam, activation_scope
 from moelab.analysis.routing import batched, progress_bar
 from moelab.errors import ConfigError, DataError
+from moelab.lm.logits import forward_logits, model_device
+from moelab.lm.nll import token_nll
 
 ALPHA, BETA = 2.0, 0.2
 
@@ -203,7 +205,7 @@ def wanda_prune(model: nn.Module, calib: Sequence[torch.Tensor], sparsity: float
     if not batches:
         raise DataError("Wanda needs calibration sequences; give at least one")
     layers = _decoder_layers(model)
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     # hidden states entering layer 0, with the call's other arguments (RoPE tables, masks, ...)
@@ -216,7 +218,7 @@ def wanda_prune(model: nn.Module, calib: Sequence[torch.Tensor], sparsity: float
     try:
         for ids in batches:
             try:
-                lm_logits(model, ids.to(device))
+                forward_logits(model, ids.to(device))
             except _Stop as stop:
                 inputs.append((stop.args_, stop.kwargs))
     finally:
@@ -275,17 +277,16 @@ def perplexity(model: nn.Module, samples: Sequence[torch.Tensor], batch_size: in
     """exp(mean next-token cross-entropy) over every position of ``samples`` (int64 ``[T_i]``, T_i >= 2)."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     nll, count = 0.0, 0
     try:
         batches = list(batched([s for s in samples if len(s) >= 2], batch_size))
         with progress_bar(batches, progress, "perplexity") as items:
-            for ids in items:
-                ids = ids.to(device)
-                logits = lm_logits(model, ids)[:, :-1]                         # [B, T-1, V]
-                nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                             ids[:, 1:].reshape(-1), reduction="sum"))
-                count += ids[:, 1:].numel()
+            for ids_BT in items:
+                ids_BT = ids_BT.to(device)
+                # position t predicts token t + 1: every position but the last is scored
+                s, n = token_nll(forward_logits(model, ids_BT)[:, :-1], ids_BT[:, 1:])
+                nll, count = nll + s, count + n
     finally:
         model.train(was_training)
     if count == 0:

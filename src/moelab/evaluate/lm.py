@@ -1,11 +1,12 @@
-"""One interface over the two kinds of causal LM the evaluators accept: a moelab
+"""Prompts, start tokens and greedy generation for the two kinds of causal LM the evaluators accept: a moelab
 :class:`~moelab.model.transformer.DeepSeekForCausalLM` and any ``transformers`` causal LM (e.g. the
 SmolLM2 of :func:`moelab.interop.hf_lm.load_causal_lm`). Both come with a ``transformers`` fast tokenizer.
 
     logits_BTV = forward_logits(model, ids_BT)                       # [B, T, V], fp32
     texts = generate_texts(model, tokenizer, ["What is 2 + 3?"], max_new_tokens=32)
 
-Dimension letters: B batch, T tokens, V vocabulary.
+Dimension letters: B batch, T tokens, V vocabulary. The model-facing part (logits, left padding, device
+and context length) lives in :mod:`moelab.lm` and is re-exported here under its old names.
 """
 
 from __future__ import annotations
@@ -15,31 +16,8 @@ from collections.abc import Callable
 import torch
 
 from moelab.errors import MoelabError
-
-
-def is_moelab(model) -> bool:
-    from moelab.model.transformer import DeepSeekForCausalLM
-
-    return isinstance(model, DeepSeekForCausalLM)
-
-
-def context_length(model) -> int:
-    """The longest sequence the model was built for (``config.max_position_embeddings``)."""
-    n = getattr(model.config, "max_position_embeddings", None)
-    return int(n) if n else 2048
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def forward_logits(model, ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
-    """``logits`` ``[B, T, V]`` of either kind of model, in fp32 (no cache is kept)."""
-    if is_moelab(model):
-        out = model(ids_BT, attention_mask=attention_mask_BT)
-    else:
-        out = model(input_ids=ids_BT, attention_mask=attention_mask_BT, use_cache=False)
-    return out.logits.float()
+from moelab.lm.logits import context_length, forward_logits, is_moelab, model_device  # re-exported
+from moelab.lm.padding import left_pad  # re-exported
 
 
 def separator_id(model, tokenizer) -> int:
@@ -90,18 +68,6 @@ def _pad_id(tokenizer) -> int:
         if i is not None:
             return int(i)
     return 0
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ids`` and ``attention_mask``, int64 ``[B, T_max]``, prompts aligned to the right."""
-    T = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), T), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if p:
-            ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, T - len(p):] = 1
-    return ids, mask
 
 
 @torch.inference_mode()
@@ -159,4 +125,4 @@ def generate_texts(model, tokenizer, prompts: list[str] | list[list[int]], max_n
 
 
 __all__ = ["chat_prompt_ids", "context_length", "encode", "forward_logits", "generate_ids", "generate_texts",
-           "is_moelab", "left_pad", "separator_id"]
+           "is_moelab", "left_pad", "model_device", "separator_id"]

@@ -37,12 +37,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from moelab.errors import DataError, MoelabError
-from moelab.evaluate.lm import context_length, forward_logits, model_device, separator_id
+from moelab.evaluate.lm import separator_id
+from moelab.lm.logits import context_length, forward_logits, model_device
+from moelab.lm.nll import IGNORE, token_nll
 
 #: Default window when neither ``seq_len`` nor a shorter model context is given (keeps fp32 logits small).
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -243,17 +244,16 @@ def score_stream(model, stream: Stream, seq_len: int, stride: int | None = None,
                 chunk = plan[s:s + batch_size]
                 T = max(end - begin for begin, end, _ in chunk)
                 x_BT = torch.zeros((len(chunk), T), dtype=torch.long)  # right padding: causal, never attended
-                for r, (begin, end, _) in enumerate(chunk):
-                    x_BT[r, :end - begin] = ids[begin:end]
-                logits_BTV = forward_logits(model, x_BT.to(dev))
+                # targets: the positions this window scores (prev+1 .. end) that are scored tokens;
+                # padding, context already scored by an earlier window, and separators carry none
+                y_BT = torch.full((len(chunk), T), IGNORE, dtype=torch.long)
                 for r, (begin, end, prev) in enumerate(chunk):
-                    j = torch.arange(prev - begin, end - begin)            # logits j predicts begin + j + 1
-                    pos = begin + 1 + j
-                    keep = scored[pos]
-                    if not bool(keep.any()):
-                        continue
-                    lp = F.log_softmax(logits_BTV[r, j[keep]], dim=-1)     # [K, V]
-                    nll -= float(lp.gather(1, ids[pos[keep]].to(dev)[:, None]).double().sum())
+                    x_BT[r, :end - begin] = ids[begin:end]
+                    pos = torch.arange(prev + 1, end + 1)                  # logits pos - begin - 1 predict pos
+                    y_BT[r, pos - begin - 1] = torch.where(scored[pos], ids[pos], IGNORE)
+                logits_BTV = forward_logits(model, x_BT.to(dev))
+                # per-token fp32, summed in fp64: a stream may hold millions of targets
+                nll += token_nll(logits_BTV, y_BT.to(dev), torch.float64)[0]
                 bar.advance(task, len(chunk))
     finally:
         model.train(was_training)

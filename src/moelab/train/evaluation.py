@@ -13,11 +13,11 @@ import math
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
 from moelab.errors import TrainingError
+from moelab.lm.nll import token_nll
 from moelab.train.balance import Balancer
-from moelab.train.step import IGNORE, autocast_ctx
+from moelab.train.step import autocast_ctx
 
 
 @torch.no_grad()
@@ -33,9 +33,8 @@ def evaluate(model, data, batch_size: int, seq_len: int, max_batches: int, dtype
             with autocast_ctx(dtype, model.device):
                 logits = model(x.to(model.device)).logits
             y = y.to(model.device)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=IGNORE)
-            total += float(loss)
-            count += int((y != IGNORE).sum())
+            s, n = token_nll(logits, y)
+            total, count = total + s, count + n
     model.train(was_training)
     if count == 0:
         raise TrainingError("the validation split is too small for one evaluation window; "

@@ -18,13 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from moelab.errors import TrainingError
+from moelab.lm.nll import lm_loss
 from moelab.train.balance import Balancer
 from moelab.train.config import TrainConfig
-
-IGNORE = -100
 
 
 @dataclass
@@ -57,13 +55,6 @@ def autocast_ctx(dtype: str, device: torch.device):
     if dtype == "float32":
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
-
-
-def lm_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over targets != −100 (0 with a graph when there are none)."""
-    if not bool((y != IGNORE).any()):
-        return logits.float().sum() * 0.0
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
 
 
 def nonfinite_tensors(model: torch.nn.Module) -> list[str]:
