@@ -1,4 +1,4 @@
-"""ESFT (METHODS.md §5): selection against the released configurations, scores against a brute-force
+"""ESFT (docs/methods.md §5): selection against the released configurations, scores against a brute-force
 per-token oracle, expert-only training, and the save / merge round trip (moelab and transformers)."""
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _one_layer(scores) -> dict:
 
 
 @pytest.mark.parametrize("scores, p, want", [
-    ([0.15, 0.10, 0.05], 0.2, [0, 1]),           # METHODS check: 2 experts
+    ([0.15, 0.10, 0.05], 0.2, [0, 1]),           # docs/methods.md §5 check: 2 experts
     ([0.05, 0.30, 0.10], 0.2, [1]),              # one expert crosses p on its own
     ([0.10, 0.10, 0.05], 0.2, [0, 1]),           # reaching p exactly stops
     ([0.10, 0.20, 0.10, 0.10], 0.35, [1, 0, 2]), # ties: ascending id

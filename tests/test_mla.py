@@ -9,7 +9,7 @@ from moelab.config import make_config
 from moelab.infer import SamplingConfig, generate
 from moelab.model.transformer import DeepSeekForCausalLM
 
-# METHODS.md §4 check shape: d 64, n_h 4, nope 16, rope 8, v 16, d_c 32.
+# docs/methods.md §4 check shape: d 64, n_h 4, nope 16, rope 8, v 16, d_c 32.
 MLA = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
            qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, kv_lora_rank=32, q_lora_rank=48,
            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,

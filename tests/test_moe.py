@@ -1,4 +1,4 @@
-"""DeepSeekMoE and its router against brute-force per-token oracles (METHODS.md §1-§3 checks)."""
+"""DeepSeekMoE and its router against brute-force per-token oracles (docs/methods.md §1-§3 checks)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ ROUTERS = {
 
 
 def brute_force_route(x, weight, bias, c):
-    """Per-token reference written from METHODS.md §2 with plain Python loops."""
+    """Per-token reference written from docs/methods.md §2 with plain Python loops."""
     E, K = c.n_routed_experts, c.num_experts_per_tok
     G, TG = (c.n_group or 1), (c.topk_group or 1)
     out = []

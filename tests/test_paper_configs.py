@@ -117,7 +117,7 @@ def test_vl2_tiny_lm():
     assert _budget("deepseek-vl2-tiny-lm").total_params == pytest.approx(3.37e9 - 0.43e9, rel=0.03)
 
 
-# --- decoding cache per token per layer (DeepSeek-V2 Table 1, METHODS.md §4) -----------------------
+# --- decoding cache per token per layer (DeepSeek-V2 Table 1, docs/methods.md §4) -----------------------
 
 @pytest.mark.parametrize("name,mha_per_layer,ratio", [
     ("deepseek-v3", 40960, 71.1),   # 128 heads x (192 + 128)
@@ -134,7 +134,7 @@ def test_mla_cache(name, mha_per_layer, ratio):
     assert b.cache_bytes_per_token == 2 * b.cache_elems_per_token  # bf16
 
 
-# --- DeepSeek LLM FLOPs formula: M = 72·L·d² + 12·L·d·l_seq, l_seq = 4096 (METHODS.md Table 3) ----
+# --- DeepSeek LLM FLOPs formula: M = 72·L·d² + 12·L·d·l_seq, l_seq = 4096 (docs/methods.md §10, Table 3) ----
 
 @pytest.mark.parametrize("layers,hidden,flops", [
     (8, 512, 352e6),

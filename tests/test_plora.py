@@ -1,4 +1,4 @@
-"""PeriodicLoRA (METHODS.md §6): stage ends are function-preserving, the accumulated update exceeds
+"""PeriodicLoRA (docs/methods.md §6): stage ends are function-preserving, the accumulated update exceeds
 rank r (but not k·r after k stages), the optimizer state of the LoRA tensors is reset, memory is flat,
 and the [UNCERTAIN] momentum rule does what the third-party code does."""
 

@@ -1,4 +1,4 @@
-"""Linear number probes (METHODS.md §8): problems, token positions, ridge/metrics against independent
+"""Linear number probes (docs/methods.md §8): problems, token positions, ridge/metrics against independent
 oracles, the shuffled-label control, steering hooks, and the pipeline + CLI on tiny random models."""
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ def test_metrics_on_hand_computed_cases():
 
 
 def test_planted_signal_gives_r2_near_1_and_shuffled_labels_near_0():
-    """H = log2(x)·u + noise at state 1, pure noise at state 0 (METHODS §8 check)."""
+    """H = log2(x)·u + noise at state 1, pure noise at state 0 (docs/methods.md §8 check)."""
     rng = np.random.default_rng(1)
     N, H = 3000, 16
     x = 10 ** rng.uniform(1, 10, size=N)

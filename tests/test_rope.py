@@ -1,4 +1,4 @@
-"""RoPE and YaRN: relative-position invariance, layout equivalence, METHODS.md §4 worked values,
+"""RoPE and YaRN: relative-position invariance, layout equivalence, docs/methods.md §4 worked values,
 and inv_freq against transformers' own YaRN implementation."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def test_interleaved_and_half_layouts_give_equal_scores():
 
 
 def test_released_yarn_worked_values():
-    # s = 40, L_orig = 4096, beta_fast 32, beta_slow 1, theta 1e4, d = 64 -> low 10, high 23 (METHODS.md §4)
+    # s = 40, L_orig = 4096, beta_fast 32, beta_slow 1, theta 1e4, d = 64 -> low 10, high 23 (docs/methods.md §4)
     assert yarn_correction_range(64, 1e4, 4096, 32, 1) == (10, 23)
     assert yarn_mscale(40, 0.707) == pytest.approx(1.26080, abs=5e-6)
     assert yarn_mscale(40, 0.707) ** 2 == pytest.approx(1.5896, abs=1e-4)

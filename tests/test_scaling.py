@@ -1,4 +1,4 @@
-"""DeepSeek LLM scaling laws (METHODS.md §10): Table 3, Eq. 1 and 4, the IsoFLOP fits, the CLI, and a tiny
+"""DeepSeek LLM scaling laws (docs/methods.md §10): Table 3, Eq. 1 and 4, the IsoFLOP fits, the CLI, and a tiny
 end-to-end IsoFLOP sweep. The real-corpus sweep that fits the exponent is marked slow.
 """
 
@@ -60,7 +60,7 @@ def test_table3(L, d, M, unit, decimals, r1, r2):
 
 
 def test_attention_coefficient_is_12():
-    # with 6 instead of 12 the first row would read 0.60 / 1.85 (METHODS §10)
+    # with 6 instead of 12 the first row would read 0.60 / 1.85 (docs/methods.md §10)
     s = shape_flops(8, 512)
     m6 = 72 * 8 * 512**2 + 6 * 8 * 512 * 4096
     assert (s.six_n1 / m6, s.six_n2 / m6) == (pytest.approx(0.60, abs=0.01), pytest.approx(1.85, abs=0.01))
@@ -324,7 +324,7 @@ def test_isoflop_exponent_on_shakespeare(tmp_path, one_thread):
     fit = res.fit
     print(f"\nIsoFLOP exponent a = {fit['a']}, M_opt = {fit['M_opt']}, notes: {fit['notes']}")
     assert fit["n_used"] >= 3, fit["notes"]
-    # METHODS §10 expects a ≈ 0.4–0.6 from a tiny IsoFLOP at 1e13–1e15; these budgets are 100x smaller
+    # docs/methods.md §10 expects a ≈ 0.4–0.6 from a tiny IsoFLOP at 1e13–1e15; these budgets are 100x smaller
     # (CPU time) and three budgets half a decade apart give a noisy slope: this run gives a ≈ 0.62, so only
     # a finite exponent in (0, 1) — i.e. both the model and the data grow with compute — is asserted.
     a = fit["a"]

@@ -1,4 +1,4 @@
-"""LR schedules against hand-computed values at their breakpoints (METHODS.md §10)."""
+"""LR schedules against hand-computed values at their breakpoints (docs/methods.md §10)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The training loop and load balancing (METHODS.md §3 checks, exact resume, failure handling).
+"""The training loop and load balancing (docs/methods.md §3 checks, exact resume, failure handling).
 
 Toy sizes: a 2-layer model with 8 experts on a few thousand tokens of Shakespeare, a few seconds each.
 """
@@ -147,7 +147,7 @@ def test_loss_free_needs_a_router_with_the_bias():
 
 
 def test_toy_skewed_router_maxvio_falls_5x_within_500_steps():
-    """METHODS.md §3: frozen skewed sigmoid router, 64 experts, top-6, 4096 tokens per batch, u = 1e-3."""
+    """docs/methods.md §3: frozen skewed sigmoid router, 64 experts, top-6, 4096 tokens per batch, u = 1e-3."""
     cfg = make_config(MODEL | dict(hidden_size=16, n_routed_experts=64, num_experts_per_tok=6, moe_intermediate_size=2))
     moe = DeepSeekMoE(cfg, 0).train()
     gen = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""UMP-style evaluation (METHODS.md §9): the flawed-problem generator, Acc/Abs/Rel on a fixed boolean table,
+"""UMP-style evaluation (docs/methods.md §9): the flawed-problem generator, Acc/Abs/Rel on a fixed boolean table,
 byte-exact prompts, the rule-based judge against 106 hand labels, and the run/report/CLI path."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Gradient-based parameter activation and LLMDcos (METHODS.md §7, arXiv 2405.17799).
+"""Gradient-based parameter activation and LLMDcos (docs/methods.md §7, arXiv 2405.17799).
 
     model, tok = load_causal_lm("smollm2")
     a = parameter_activation(model, load_samples("shakespeare", tok, 16, 256), name="shakespeare")
@@ -62,7 +62,7 @@ lm_logits = forward_logits
 MAX_DIM = 15000
 DEFAULT_THRESHOLD = 2e-5
 THRESHOLD_MODES = ("absolute", "quantile")
-#: Published γ values (METHODS §7): paper 32 / 40 layers, released code 32 layers.
+#: Published γ values (docs/methods.md §7): paper 32 / 40 layers, released code 32 layers.
 PUBLISHED_THRESHOLDS = {"paper_32_layers": 2e-5, "paper_40_layers": 5e-6, "code_32_layers": 2e-6}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _ROUTER = re.compile(r"(?:^|\.)(gate|router)\.[^.]+$")
@@ -299,7 +299,7 @@ def plot_activation(counts: dict[str, dict[int, int]], sizes: dict[int, int], ga
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncols=min(len(labels), 3))
-    ax.set_title("Parameter activation per layer (gradient-based, METHODS §7)")
+    ax.set_title("Parameter activation per layer (gradient-based, docs/methods.md §7)")
     return save_figure(fig, path)
 
 

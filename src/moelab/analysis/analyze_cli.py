@@ -1,4 +1,4 @@
-"""``moelab analyze ...``: look inside a model (METHODS.md §5, §7).
+"""``moelab analyze ...``: look inside a model (docs/methods.md §5, §7).
 
     moelab analyze routing runs/demo/model runs/data/shakespeare runs/tasks/arith-train.jsonl --out runs/analysis/routing
     moelab analyze activation smollm2 shakespeare runs/tasks/arith-train.jsonl --sparsity 0.5 --out runs/analysis/smollm2
@@ -26,7 +26,7 @@ analyze_app = typer.Typer(
     help="Look inside a model: routed-expert load and overlap between datasets; gradient-based parameter "
          "activation, LLMDcos and activation-guided Wanda pruning; linear number probes.",
 )
-# Commands: routing, activation (below) and probes (linear number probes, METHODS §8: probes_cli.py,
+# Commands: routing, activation (below) and probes (linear number probes, docs/methods.md §8: probes_cli.py,
 # registered at the end of this file).
 
 _Model = Annotated[str, typer.Argument(help="'smollm2' or a checkpoint directory.", show_default=False)]

@@ -1,4 +1,4 @@
-"""Linear number probes (METHODS.md §8; Zhu et al., arXiv 2401.03735): do a model's hidden states hold
+"""Linear number probes (docs/methods.md §8; Zhu et al., arXiv 2401.03735): do a model's hidden states hold
 the values of the numbers in an addition prompt, linearly, layer by layer — and does pushing a hidden
 state along a probe's direction change the model's answer?
 

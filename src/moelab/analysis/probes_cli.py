@@ -1,4 +1,4 @@
-"""``moelab analyze probes``: linear number probes and probe-direction steering (METHODS.md §8).
+"""``moelab analyze probes``: linear number probes and probe-direction steering (docs/methods.md §8).
 
     moelab analyze probes smollm2 --out runs/probes --n 200 --threads 1
     moelab analyze probes runs/demo/model --out runs/probes-demo --n 50 --steer-n 0

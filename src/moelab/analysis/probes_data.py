@@ -1,4 +1,4 @@
-"""Data side of the linear number probes (METHODS.md §8): addition problems, prompts, token positions
+"""Data side of the linear number probes (docs/methods.md §8): addition problems, prompts, token positions
 and answer parsing.
 
     problems = make_problems(n_per_length=1000, seed=0)       # 9,000 problems, 80/10/10 per length

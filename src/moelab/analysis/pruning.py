@@ -1,4 +1,4 @@
-"""Wanda pruning with uniform or activation-derived layer-wise ratios, and perplexity (METHODS.md §7).
+"""Wanda pruning with uniform or activation-derived layer-wise ratios, and perplexity (docs/methods.md §7).
 
     S_i = layerwise_sparsity(counts_array(N), 0.5)      # N_i from moelab.analysis.activation
     saved = snapshot(model)
@@ -15,8 +15,8 @@ Legend: L decoder layers (i = 1..L in the formula), S the overall sparsity, W a 
     S_i  = S + β·S·(1 − N'_i · L / Σ_j N'_j)
 
 so mean_i S_i = S exactly and S_i < S(1 + β): layers with few activated weights are pruned more.
-**[UNCERTAIN]** i is 1-based (METHODS §7); std is the population std (ddof 0; the sources do not say —
-it does not change mean S_i = S). N_i are raw counts, as in METHODS; where layers differ in size (moelab's
+**[UNCERTAIN]** i is 1-based (docs/methods.md §7); std is the population std (ddof 0; the sources do not say —
+it does not change mean S_i = S). N_i are raw counts, as in docs/methods.md; where layers differ in size (moelab's
 dense first layers next to MoE layers) a bigger layer counts more weights — pass shares N_i / size instead
 if that is not wanted (the ratios depend on N only through its z-scores).
 

@@ -1,5 +1,5 @@
 """Routing statistics of a DeepSeekMoE model: how each layer spreads tokens over its routed experts, and
-how much two datasets share experts (METHODS.md §5: tasks concentrate on few, different experts).
+how much two datasets share experts (docs/methods.md §5: tasks concentrate on few, different experts).
 
     model, tok = load_causal_lm("runs/demo/model")
     stats = [collect_routing(model, load_samples(d, tok, 64, 256, vocab_size=512), name=d)
@@ -182,7 +182,7 @@ def load_samples(spec: str | os.PathLike, tokenizer, n: int, seq_len: int, *, se
     * SFT JSON Lines: with ``shots = None``, rows of whole examples packed up to ``seq_len`` tokens (trailing
       padding removed; at most as many rows as the file fills); with ``shots = k``, ``n`` k-shot prompts —
       k solved examples then one more question, ending where the answer would start (cut on the left
-      to ``seq_len``), so the next token is an answer token (the 3-shot prompts of METHODS §7);
+      to ``seq_len``), so the next token is an answer token (the 3-shot prompts of docs/methods.md §7);
     * anything else is a text source (:class:`moelab.data.sources.Source`): documents drawn in a seeded
       order, each tokenised and cut to a window of ``seq_len`` tokens at a random offset (a shorter
       document is taken whole; fewer than 8 tokens are skipped); with fewer documents than ``n``, each gives

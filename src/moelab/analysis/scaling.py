@@ -1,4 +1,4 @@
-"""DeepSeek LLM scaling laws (arXiv 2401.02954 §3; METHODS.md §10).
+"""DeepSeek LLM scaling laws (arXiv 2401.02954 §3; docs/methods.md §10).
 
 **Model scale.** DeepSeek LLM measures a model by its non-embedding FLOPs per token ``M`` (forward +
 backward, attention included) instead of a parameter count, and compute by ``C = M·D`` for ``D``

@@ -1,4 +1,4 @@
-"""``moelab scaling ...``: DeepSeek LLM scaling laws and IsoFLOP sweeps (METHODS.md §10).
+"""``moelab scaling ...``: DeepSeek LLM scaling laws and IsoFLOP sweeps (docs/methods.md §10).
 
     moelab scaling flops configs/deepseek-v2-lite.toml --tokens 5.7e12   # M, 6N1/M, 6N2/M, C = M·D
     moelab scaling flops 24x2048                                        # a Table 3 row (l_seq 4096)

@@ -12,7 +12,7 @@ Templates (``template``):
 
       <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>{answer}<｜end▁of▁sentence｜><｜User｜>...
 
-* ``plain`` — the ESFT format (METHODS.md §5): ``{system}\\n\\nUser: {x}\\n\\nAssistant: {y}<eos>``, BOS first.
+* ``plain`` — the ESFT format (docs/methods.md §5): ``{system}\\n\\nUser: {x}\\n\\nAssistant: {y}<eos>``, BOS first.
 
 Loss only on what the model should learn to say: each assistant turn's content and the EOS after it
 (labels −100 everywhere else). A prompt/completion pair is one user turn and one assistant turn.

@@ -1,6 +1,6 @@
 """Tokenizers: Hugging Face ``tokenizers`` byte-level BPE, saved as ``tokenizer.json``.
 
-DeepSeek special-token strings use U+FF5C (｜) bars and U+2581 (▁) — not ASCII (METHODS.md §11).
+DeepSeek special-token strings use U+FF5C (｜) bars and U+2581 (▁) — not ASCII (docs/methods.md §11).
 
 Id layout of every tokenizer moelab builds: the 8 :data:`SPECIAL_TOKENS` at ids 0..7 (BOS 0, EOS 1,
 PAD 2), then the 256 byte symbols at 8..263 (sorted, as in :func:`byte_level_tokenizer`), then the

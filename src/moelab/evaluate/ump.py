@@ -1,4 +1,4 @@
-"""UMP-style evaluation: do models notice that a math problem is unreasonable? (METHODS.md §9)
+"""UMP-style evaluation: do models notice that a math problem is unreasonable? (docs/methods.md §9)
 
     items = generate_ump(40, seed=0)                         # flawed problems, each with its original
     report = run_ump(model, tokenizer, items, modes=("plain", "ccc"))
@@ -10,7 +10,7 @@
 ``gsm_symbolic``); flags are decided by the rule-based judge of :mod:`moelab.evaluate.ump_judge` (the
 paper used an LLM judge); the CCC prompt is a reconstruction.
 
-**Metrics** (exactly as METHODS.md §9; item i pairs original o_i with flawed f_i):
+**Metrics** (exactly as docs/methods.md §9; item i pairs original o_i with flawed f_i):
 ``Acc = |solved| / n`` with solved = {i : the answer to o_i is numerically right (its final number,
 :func:`moelab.evaluate.harness.extract_number`)}; ``Abs = |flagged| / n`` with flagged = {i : the answer
 to f_i flags the problem as unreasonable}; ``Rel = |solved ∧ flagged| / |solved|`` (None when nothing is
@@ -18,7 +18,7 @@ solved). Reports also give the share of *originals* flagged (false alarms) and A
 
 **Prompts.** ``plain``: the problem text alone, as the user message. ``ccc``: the Critical Calculation
 and Conclusion template. Its verbatim wording is unpublished; :data:`CCC_TEMPLATE` is the reconstruction
-``ccc-reconstructed-v1`` of METHODS.md §9 (check the premises; solve while testing each intermediate
+``ccc-reconstructed-v1`` of docs/methods.md §9 (check the premises; solve while testing each intermediate
 quantity for plausibility; answer or declare the problem unreasonable). Every result records the
 template id; another template can be given (a text file with ``{question}``). Answers are greedy.
 """
@@ -90,7 +90,7 @@ def render_prompt(template: str, question: str) -> str:
 
 
 def ump_metrics(solved: Sequence[bool], flagged: Sequence[bool]) -> dict:
-    """Acc, Abs and Rel of METHODS.md §9 from per-item booleans (item i: ``solved[i]`` = the original was
+    """Acc, Abs and Rel of docs/methods.md §9 from per-item booleans (item i: ``solved[i]`` = the original was
     answered correctly, ``flagged[i]`` = the flawed twin was flagged). ``rel`` is None when nothing is
     solved."""
     if len(solved) != len(flagged):

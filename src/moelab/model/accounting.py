@@ -4,8 +4,8 @@
 * activated parameters per token: everything except routed experts, plus K/E of each MoE layer's
   routed experts (input embedding and LM head included, as the DeepSeek papers count them);
 * decoding-cache values per token: MLA latent + RoPE key vs the per-head K/V an MHA cache holds
-  (METHODS.md §4, Table 1 of DeepSeek-V2);
-* non-embedding FLOPs per token, DeepSeek LLM's ``M = 72·L·d² + 12·L·d·l_seq`` (METHODS.md §10),
+  (docs/methods.md §4, Table 1 of DeepSeek-V2);
+* non-embedding FLOPs per token, DeepSeek LLM's ``M = 72·L·d² + 12·L·d·l_seq`` (docs/methods.md §10),
   and the MoE-aware ``6·N_active_non_embedding + 12·L·d·l_seq``.
 """
 

@@ -2,7 +2,7 @@
 
 For MLA each layer stores only what absorbed attention needs, in one buffer: the normalised latent
 ``c_KV`` and the rotated, head-shared RoPE key ``k_pe`` side by side, ``[B, S, kv_lora_rank +
-qk_rope_head_dim]`` — never expanded K/V (METHODS.md §4).
+qk_rope_head_dim]`` — never expanded K/V (docs/methods.md §4).
 For MHA/GQA it stores rotated keys and values ``[B, S, H_kv, D]``.
 
 Storage grows by doubling, so appending one token is amortised O(1) copies.

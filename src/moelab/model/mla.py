@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (DeepSeek-V2 §2.1; METHODS.md §4).
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1; docs/methods.md §4).
 
 Legend: B batch, T new tokens, S cached + new tokens, N heads, C ``kv_lora_rank`` (latent),
 R ``qk_rope_head_dim``, P ``qk_nope_head_dim``, V ``v_head_dim``.

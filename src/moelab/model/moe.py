@@ -1,4 +1,4 @@
-"""The DeepSeekMoE layer: fine-grained routed experts plus always-on shared experts (METHODS.md §1).
+"""The DeepSeekMoE layer: fine-grained routed experts plus always-on shared experts (docs/methods.md §1).
 
     h_t = Σ_shared FFN_i(u_t) + Σ_routed g_{i,t} · FFN_i(u_t)      (the residual is added by the block)
 """

@@ -1,4 +1,4 @@
-"""Rotary position embeddings with optional YaRN context extension (METHODS.md §4).
+"""Rotary position embeddings with optional YaRN context extension (docs/methods.md §4).
 
 Dimension legend: B batch, T positions, D rotated dims (``rope_dim``), D/2 frequency pairs.
 

@@ -1,4 +1,4 @@
-"""The DeepSeekMoE router: scores, group-limited top-k, bias-corrected selection (METHODS.md §2, §3).
+"""The DeepSeekMoE router: scores, group-limited top-k, bias-corrected selection (docs/methods.md §2, §3).
 
 Legend: N tokens, H hidden, E routed experts, K experts per token, G groups.
 

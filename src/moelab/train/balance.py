@@ -1,4 +1,4 @@
-"""Expert load balancing: the auxiliary-loss-free bias, auxiliary losses, and MaxVio (METHODS.md §3).
+"""Expert load balancing: the auxiliary-loss-free bias, auxiliary losses, and MaxVio (docs/methods.md §3).
 
 Legend: L MoE layers, E routed experts, K experts per token, N tokens (= B·T), B sequences.
 

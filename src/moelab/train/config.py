@@ -35,7 +35,7 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """The optimisation recipe (defaults: DeepSeek LLM / DeepSeekMoE, METHODS.md §1 and §10)."""
+    """The optimisation recipe (defaults: DeepSeek LLM / DeepSeekMoE, docs/methods.md §1 and §10)."""
 
     steps: int | None = None            # optimizer steps; or give `tokens`
     tokens: int | None = None           # token budget -> steps = tokens // (batch_size·grad_accum·seq_len)
@@ -93,7 +93,7 @@ class TrainConfig(_Section):
 
 
 class BalanceConfig(_Section):
-    """Expert load balancing (METHODS.md §3).
+    """Expert load balancing (docs/methods.md §3).
 
     * ``loss_free``: a per-expert bias, added to the scores for top-k selection only, moves by
       ``bias_update_rate·sign(mean load − load_i)`` once per optimizer step from that step's loads.

@@ -15,7 +15,7 @@ Outputs in ``RUN_DIR/report/`` (each file replaced atomically; ``summary.md`` la
 ``loss.png``, ``maxvio.png``, ``expert_load.png`` (only with ``expert_load.npy``), ``summary.md``.
 
 Curves are smoothed with a trailing moving average over ``SMOOTH_STEPS`` optimizer steps, the
-100-step smoothing of the Loss-Free Balancing paper's MaxVio_batch plots (METHODS.md §3).
+100-step smoothing of the Loss-Free Balancing paper's MaxVio_batch plots (docs/methods.md §3).
 """
 
 from __future__ import annotations

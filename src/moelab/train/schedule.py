@@ -1,4 +1,4 @@
-"""Learning-rate schedules as pure functions of the optimizer step (METHODS.md §10).
+"""Learning-rate schedules as pure functions of the optimizer step (docs/methods.md §10).
 
 Steps are 0-based optimizer steps; at a fixed batch size they are proportional to tokens, so the
 papers' "80% of tokens" is ``round(0.8 * total_steps)`` here.

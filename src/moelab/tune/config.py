@@ -13,7 +13,7 @@ Sections::
 
 The method comes from the command line (``moelab finetune lora ...``), or ``finetune.method``.
 
-Learning-rate defaults follow the ESFT paper (METHODS.md §5): full 3e-5, LoRA/PeriodicLoRA 1e-4, ESFT
+Learning-rate defaults follow the ESFT paper (docs/methods.md §5): full 3e-5, LoRA/PeriodicLoRA 1e-4, ESFT
 1e-5, constant schedule, no warm-up. They were chosen for a 16B model; small models want more (the
 configs in ``configs/finetune-*.toml`` set their own).
 """

@@ -1,4 +1,4 @@
-"""ESFT — Expert-Specialized Fine-Tuning (METHODS.md §5, arXiv 2407.01906).
+"""ESFT — Expert-Specialized Fine-Tuning (docs/methods.md §5, arXiv 2407.01906).
 
 Score every routed expert on task data, keep the most relevant experts of each MoE layer, train only
 those, and ship them as a small file that merges back into the base checkpoint::
@@ -26,7 +26,7 @@ The gate is the value the block really multiplies by, i.e. after ``norm_topk_pro
 scores sum to the mean top-6 probability mass, ≈0.3–0.5). Every token picks K experts, so a layer's
 token scores sum to 1 by construction. Sequences are packed (no padding): every position counts.
 
-**Normalisation** (``norm``, the ``esft_score_norm`` setting, [UNCERTAIN] in METHODS §5):
+**Normalisation** (``norm``, the ``esft_score_norm`` setting, [UNCERTAIN] in docs/methods.md §5):
 
 * ``per_layer`` (default) — the paper's definition and what the released ``summary.json`` files hold:
   nothing is rescaled. Token rows sum to 1 per layer by construction; gate rows stay raw means (so the

@@ -1,4 +1,4 @@
-"""``moelab esft ...``: Expert-Specialized Fine-Tuning (METHODS.md §5) from the command line.
+"""``moelab esft ...``: Expert-Specialized Fine-Tuning (docs/methods.md §5) from the command line.
 
     moelab esft score ckpt/ data/task.jsonl --out runs/task/summary.json     # expert relevance on task data
     moelab esft select runs/task/summary.json --p 0.2 --out runs/task/expert_cfg.json

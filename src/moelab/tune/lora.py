@@ -1,4 +1,4 @@
-"""LoRA for moelab models, written and read in PEFT's on-disk format (METHODS.md §6).
+"""LoRA for moelab models, written and read in PEFT's on-disk format (docs/methods.md §6).
 
 Legend: r rank, E routed experts, H hidden, I expert width, ``in``/``out`` a weight's input/output size,
 s the scaling ``alpha / r`` (rsLoRA: ``alpha / √r``).

@@ -1,4 +1,4 @@
-"""PeriodicLoRA (arXiv 2402.16141; METHODS.md §6): LoRA trained in stages, unloaded into the backbone.
+"""PeriodicLoRA (arXiv 2402.16141; docs/methods.md §6): LoRA trained in stages, unloaded into the backbone.
 
 Training updates only the LoRA factors (A ``[r, in]`` / ``[r·E, in]``, B ``[out, r]`` / ``[out, r·E]``
 for a weight ``[out, in]`` / stacked experts ``[E, out, in]``, see :mod:`moelab.tune.lora`). Every
