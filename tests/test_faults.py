@@ -350,7 +350,7 @@ def test_leftover_checkpoint_temp_is_swept_on_resume(run_a, corpus):
 
 def _die_inside_write_dir(out: Path) -> int:
     """A real process that dies by SIGKILL while writing ``out`` atomically; returns its pid."""
-    code = ("import sys, time; from pathlib import Path; from moelab.interop.atomic import TOKENS, write_dir\n"
+    code = ("import sys, time; from pathlib import Path; from moelab.common.atomic import TOKENS, write_dir\n"
             "def w(tmp):\n    (tmp / 'train.bin').write_bytes(b'x' * 4096); print('writing', flush=True); "
             "time.sleep(120)\n"
             "write_dir(Path(sys.argv[1]), w, kind=TOKENS)")

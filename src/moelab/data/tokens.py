@@ -50,6 +50,7 @@ from rich.progress import (
 from rich.table import Table
 from tokenizers import Tokenizer
 
+from moelab.common.atomic import TOKENS, check_output_dir, write_dir
 from moelab.data.sources import DataWarning, Document, ReadStats, Source
 from moelab.data.tokenizer import (
     check_layout,
@@ -59,7 +60,6 @@ from moelab.data.tokenizer import (
     train_tokenizer,
 )
 from moelab.errors import DataError, MoelabError
-from moelab.interop.atomic import TOKENS, check_output_dir, write_dir
 
 FORMAT = "moelab-tokens-v1"
 SPLITS = ("train", "val")

@@ -22,9 +22,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from moelab.common.atomic import CHECKPOINT, write_dir
 from moelab.config import ModelConfig
 from moelab.errors import CheckpointError
-from moelab.interop.atomic import CHECKPOINT, write_dir
 from moelab.interop.hf_config import config_to_hf, hf_compatibility_warnings, read_config_json
 from moelab.model.transformer import DeepSeekForCausalLM
 
@@ -386,7 +386,7 @@ def save(model: DeepSeekForCausalLM, path: str | os.PathLike, *, max_shard_size:
     Written atomically: everything goes to a temporary sibling directory that replaces ``path`` only
     when complete. ``tokenizer`` may name a ``tokenizer.json`` file or a directory holding one. An
     existing ``path`` is replaced only if it is a checkpoint moelab wrote (nothing but checkpoint files)
-    and ``overwrite`` is true; a directory with anything else in it is refused (:mod:`moelab.interop.atomic`).
+    and ``overwrite`` is true; a directory with anything else in it is refused (:mod:`moelab.common.atomic`).
     """
     if not isinstance(model, DeepSeekForCausalLM):
         raise CheckpointError(f"moelab.save expects a moelab model, got {type(model).__name__}")

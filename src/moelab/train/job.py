@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from moelab.interop.atomic import CHECKPOINT, write_dir
+from moelab.common.atomic import CHECKPOINT, write_dir
 from moelab.interop.checkpoint import load_state_into, save, weight_files
 
 

@@ -31,8 +31,8 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from moelab.common.atomic import write_file, write_text
 from moelab.errors import ConfigError, MoelabError
-from moelab.interop.atomic import write_file, write_text
 
 SMOOTH_STEPS = 100
 TRAIN_KEYS = ("step", "tokens", "loss", "lr", "tokens_per_s", "maxvio_batch")

@@ -89,7 +89,7 @@ def has_run(run_dir: Path) -> bool:
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
     """Everything that can be checked without writing: raises :class:`TrainingError` (one line)."""
-    from moelab.interop.atomic import check_not_cwd
+    from moelab.common.atomic import check_not_cwd
     from moelab.train.state import latest_checkpoint
 
     run_dir = Path(run_dir)
@@ -132,7 +132,7 @@ class RunLock:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             else:  # pragma: no cover (no flock: trust a pid that is still alive)
-                from moelab.interop.atomic import pid_alive
+                from moelab.common.atomic import pid_alive
 
                 pid = self._holder(fd)
                 if pid and pid != os.getpid() and pid_alive(pid):
@@ -162,7 +162,7 @@ class RunLock:
 
 def sweep(run_dir: Path) -> list[Path]:
     """Remove what killed runs left behind (call with the lock held); returns what was removed."""
-    from moelab.interop.atomic import sweep_leftovers
+    from moelab.common.atomic import sweep_leftovers
 
     removed = []
     ckpts = run_dir / "checkpoints"
@@ -260,7 +260,7 @@ def reconcile_config(run_dir: Path, config_json: str, step: int, allow_change: b
 
 
 def write_record(run_dir: Path, config_json: str) -> None:
-    from moelab.interop.atomic import write_text
+    from moelab.common.atomic import write_text
 
     write_text(run_dir / RECORD, config_json)
 

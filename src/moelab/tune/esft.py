@@ -80,8 +80,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
+from moelab.common.atomic import CHECKPOINT, ESFT, check_output_dir, write_dir
 from moelab.errors import CheckpointError, ConfigError, DataError, did_you_mean
-from moelab.interop.atomic import CHECKPOINT, ESFT, check_output_dir, write_dir
 from moelab.model.moe import DeepSeekMoE
 from moelab.model.transformer import DeepSeekForCausalLM
 
@@ -635,7 +635,7 @@ def save_esft(model: DeepSeekForCausalLM, expert_config: dict | None, out_dir: s
     """Write an ESFT directory: ``expert_cfg.json`` + ``model.safetensors`` with only the trained tensors.
 
     Written to a temporary sibling directory renamed into place. An existing ``out_dir`` is replaced only
-    if it holds an ESFT result and nothing else, and ``overwrite`` is true (:mod:`moelab.interop.atomic`).
+    if it holds an ESFT result and nothing else, and ``overwrite`` is true (:mod:`moelab.common.atomic`).
     """
     cfg = _config_for(model, expert_config)
     tensors = {k: v.to("cpu").contiguous() for k, v in

@@ -60,8 +60,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from safetensors.torch import save_file
 from torch import nn
 
+from moelab.common.atomic import ADAPTER, write_dir
 from moelab.errors import CheckpointError, ConfigError
-from moelab.interop.atomic import ADAPTER, write_dir
 from moelab.model.experts import RoutedExperts
 
 #: The default ``target_modules``: every attention projection (MLA and MHA/GQA names), the dense MLP,
@@ -665,7 +665,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
     ``peft.PeftModel.from_pretrained`` loads onto the transformers model of the base checkpoint.
 
     Written to a temporary sibling directory that replaces ``out_dir`` only when complete; an existing
-    ``out_dir`` only if it holds an adapter and nothing else, and ``overwrite`` (:mod:`moelab.interop.atomic`).
+    ``out_dir`` only if it holds an adapter and nothing else, and ``overwrite`` (:mod:`moelab.common.atomic`).
     """
     config = adapter_config(model, base_model_name_or_path, settings)
     tensors = {k: v.to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}

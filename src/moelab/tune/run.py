@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
+from moelab.common.atomic import CHECKPOINT, check_output_dir, write_text
 from moelab.data.sft import load_sft
 from moelab.data.tokenizer import load_tokenizer
 from moelab.data.tokens import TokenData
 from moelab.errors import CheckpointError, TrainingError
-from moelab.interop.atomic import CHECKPOINT, check_output_dir, write_text
 from moelab.interop.checkpoint import load as load_checkpoint_dir
 from moelab.interop.checkpoint import save as save_model
 from moelab.train.loop import Job, RunResult, fit
