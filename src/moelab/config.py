@@ -3,7 +3,8 @@
 Field names follow Hugging Face's ``DeepseekV2Config`` / ``DeepseekV3Config`` (and the hub
 ``config.json`` files shipped with DeepSeek checkpoints), so a ``config.json`` maps one-to-one
 (see :mod:`moelab.interop.hf_config`). A few fields are moelab settings that the papers or the
-implementations leave open; each is documented below with its default.
+implementations leave open; each is documented below with its default. Of these, the runtime
+settings (:data:`RUNTIME_FIELDS`) say how the model computes, not what it is.
 
 A TOML config holds the model under ``[model]`` (later stages add their own sections)::
 
@@ -131,19 +132,20 @@ class ModelConfig(_Strict):
     rope_scaling: RopeScaling | None = None
     #: Checkpoints rotate interleaved pairs (x0,x1),(x2,x3)...; False rotates halves (Llama style).
     rope_interleave: bool = True
-    #: moelab setting: "naive" materialises per-head K/V, "absorb" attends against the latent,
-    #: "auto" uses naive for multi-token forwards (training, prefill) and absorb for decode steps.
+    #: Runtime setting (RUNTIME_FIELDS): "naive" materialises per-head K/V, "absorb" attends against
+    #: the latent, "auto" uses naive for multi-token forwards (training, prefill) and absorb for decode.
     attn_impl: Literal["auto", "absorb", "naive"] = "auto"
     #: moelab setting, [UNCERTAIN] in the sources: HF and hub code apply YaRN whenever it is
     #: configured ("always"); the reference code only when max_position_embeddings exceeds the
-    #: original length ("when_longer").
+    #: original length ("when_longer"). Not in config.json (NOT_IN_CONFIG_JSON): reloads as "always".
     yarn_apply: Literal["always", "when_longer"] = "always"
-    #: moelab setting: which kernel computes the routed experts (see moelab.model.experts). "fused" is
-    #: the fastest and leanest on one device; "loop" is the reference the others are tested against.
+    #: Runtime setting (RUNTIME_FIELDS): which kernel computes the routed experts (see
+    #: moelab.model.experts.choose_kernel). "fused" is the fastest and leanest on one device; "loop" is
+    #: the reference the others are tested against.
     expert_impl: Literal["loop", "grouped_mm", "padded_bmm", "fused"] = "fused"
-    #: moelab setting: torch.compile the elementwise activation math of the "fused" kernel (forward and
-    #: backward). About 4x faster elementwise work for a one-time compile of ~20-40 s per shape; needs a
-    #: C++ compiler. Off by default (tests and short runs).
+    #: Runtime setting (RUNTIME_FIELDS): torch.compile the elementwise activation math of the "fused"
+    #: kernel (forward and backward). About 4x faster elementwise work for a one-time compile of ~20-40 s
+    #: per shape; needs a C++ compiler. Off by default (tests and short runs).
     compile_experts: bool = False
 
     # ---------------------------------------------------------------------------------------
@@ -319,6 +321,20 @@ class ModelConfig(_Strict):
         if self.use_mla:
             return self.num_attention_heads * (self.qk_head_dim + self.v_head_dim) * self.num_hidden_layers
         return 2 * self.num_attention_heads * self.attn_head_dim * self.num_hidden_layers
+
+
+#: Runtime settings: how the model computes, not what it is (the same function up to rounding). Never
+#: written to config.json (a reloaded checkpoint gets the defaults); may differ from a checkpoint's, as in
+#: ``moelab.load(path, expert_impl="loop")`` or a run's ``[model]`` over ``train.init_from``.
+RUNTIME_FIELDS: tuple[str, ...] = ("attn_impl", "expert_impl", "compile_experts")
+#: Never in config.json: the runtime settings, and yarn_apply (it changes the numbers, but neither
+#: transformers nor the hub configs have a key for it: they always apply a configured YaRN).
+NOT_IN_CONFIG_JSON: tuple[str, ...] = (*RUNTIME_FIELDS, "yarn_apply")
+
+
+def runtime_settings(cfg: ModelConfig) -> dict[str, Any]:
+    """The runtime settings of ``cfg`` by name (e.g. ``moelab.load(path, **runtime_settings(cfg))``)."""
+    return {name: getattr(cfg, name) for name in RUNTIME_FIELDS}
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

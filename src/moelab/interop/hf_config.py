@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from moelab.config import ModelConfig, make_config
+from moelab.config import NOT_IN_CONFIG_JSON, ModelConfig, make_config
 from moelab.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,12 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
 
 _ARCH = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
          "deepseek": "DeepseekForCausalLM"}
+
+# ModelConfig fields config_to_hf does not dump as they are: those config.json never holds (the runtime
+# settings, yarn_apply), those written below in transformers' form (RoPE, head_dim, num_key_value_heads),
+# and scale_only_if_unnormalized, written only when set (transformers has no such key).
+_NOT_DUMPED = {*NOT_IN_CONFIG_JSON, "rope_scaling", "rope_theta", "head_dim", "num_key_value_heads",
+               "scale_only_if_unnormalized"}
 
 # Keys in real config.json files that carry no model semantics for moelab.
 _IGNORED = {
@@ -128,8 +134,7 @@ def _rope_from_hf(raw: dict[str, Any], values: dict[str, Any]) -> tuple[float, d
 
 def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
     """The ``config.json`` dict transformers v5 would write for this model (plus hub routing fields)."""
-    d = cfg.model_dump(exclude={"rope_scaling", "rope_theta", "attn_impl", "yarn_apply", "expert_impl", "compile_experts",
-                                "scale_only_if_unnormalized", "head_dim", "num_key_value_heads"})
+    d = cfg.model_dump(exclude=_NOT_DUMPED)
     rope: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
     if cfg.rope_scaling is not None:
         rs = cfg.rope_scaling

@@ -5,7 +5,7 @@ S slots (S = M packed, or S = E·C with a capacity C per expert when padded).
 
     plan  = permute(indices, gates, E)     # which token fills each slot, its gate, rows per expert
     x_SH  = dispatch(x_NH, plan)           # gather the tokens into slots, grouped by expert
-    y_SH  = compute(x_SH, plan)            # any kernel: per-expert loop, grouped GEMM, padded bmm, ...
+    y_SH  = compute(x_SH, plan, kernel)    # any kernel: per-expert loop, grouped GEMM, padded bmm, ...
     y_NH  = unpermute(y_SH, plan, N)       # gate in fp32, deterministic index_add back to tokens
 
 Expert parallelism puts an all-to-all around ``compute`` (gates never leave the token's rank); a faster
@@ -23,17 +23,25 @@ Kernels (``expert_impl``):
   (:class:`FusedGroupedExperts`) that keeps only the gate/up pre-activations for backward and
   recomputes the rest: the fastest and leanest on one device. It owns the whole permute → compute →
   unpermute sequence, so expert parallelism uses the modular kernels above.
+
+:func:`choose_kernel` picks the kernel that runs, once per forward: decode steps take ``few_tokens``,
+and a grouped kernel whose operands ``grouped_mm`` refuses gives way to the loop or the padded bmm.
+Each substitution is logged once (INFO; DEBUG for ``few_tokens``) on the ``moelab.model.experts`` logger.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,7 +61,7 @@ class Plan:
 
 
 # torch.nn.functional.grouped_mm (recent torch), else the private op it wraps (torch._grouped_mm); older
-# torch has neither, and the grouped kernels then fall back to the loop / padded bmm (_grouped_mm_ok).
+# torch has neither, and the grouped kernels then fall back to the loop / padded bmm (choose_kernel).
 grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 # Row alignment of each expert's group for bf16/fp16 grouped GEMMs on the CPU. oneDNN builds (JIT) a
@@ -62,6 +70,77 @@ grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", Non
 # overflow its primitive cache. Rounding groups up to 16 rows bounds the shapes; padding slots read
 # token 0 with gate 0, so they add exactly zero (and get zero gradient). fp32 (MKL) needs none.
 LOWP_CPU_ALIGN = 16
+
+#: The kernels ``expert_impl`` may request; :func:`choose_kernel` may also pick ``"few_tokens"``.
+KERNELS = ("loop", "grouped_mm", "padded_bmm", "fused")
+
+
+class KernelChoice(NamedTuple):
+    """The kernel that runs, and why it is not the requested one (None when it is)."""
+
+    kernel: str            # "loop" | "grouped_mm" | "padded_bmm" | "fused" | "few_tokens"
+    reason: str | None
+
+
+def choose_kernel(requested: str, *, device_type: str, dtype: torch.dtype, grad_enabled: bool, n_tokens: int,
+                  n_routed: int, n_experts: int, hidden: int, inner: int,
+                  grouped_mm_available: bool) -> KernelChoice:
+    """Which kernel computes the routed experts of one forward (a pure function of its arguments):
+    requested ``expert_impl``; device type and dtype of the input x ``[N, H]`` (its stored dtype, also
+    under autocast); n_tokens N; n_routed ``N·K``; hidden H; inner I (the expert width);
+    grouped_mm_available: this torch has ``grouped_mm``.
+
+    * Without autograd and with fewer routed rows than experts (``N·K < E``, a decode step), every
+      request runs ``few_tokens``: a gather of the chosen experts' weights beats visiting all E.
+    * ``loop`` and ``padded_bmm`` always run as asked.
+    * ``grouped_mm`` and ``fused`` need operands ``grouped_mm`` takes (:func:`_grouped_mm_refusal`);
+      else ``grouped_mm`` runs the loop, and ``fused`` the padded bmm on CUDA, the loop elsewhere.
+    """
+    if requested not in KERNELS:
+        raise ValueError(f"unknown expert kernel {requested!r}; choose one of {', '.join(KERNELS)}")
+    if n_routed < n_experts and not grad_enabled:
+        return KernelChoice("few_tokens", "decoding: fewer routed rows than experts, no autograd")
+    if requested in ("loop", "padded_bmm"):
+        return KernelChoice(requested, None)
+    # fused hands x [N, H] to grouped_mm, grouped_mm the slots [S, H] (S > 0 exactly when N·K > 0)
+    rows = n_tokens if requested == "fused" else n_routed
+    refusal = _grouped_mm_refusal(device_type, dtype, rows, hidden, inner, grouped_mm_available)
+    if refusal is None:
+        return KernelChoice(requested, None)
+    if requested == "fused" and device_type == "cuda":
+        return KernelChoice("padded_bmm", refusal)
+    return KernelChoice("loop", refusal)
+
+
+def _grouped_mm_refusal(device_type: str, dtype: torch.dtype, rows: int, hidden: int, inner: int,
+                        available: bool) -> str | None:
+    """Why ``grouped_mm`` would not take operands ``[rows, hidden]`` (and width ``inner``) of ``dtype``,
+    or None if it would: row strides must be multiples of 16 bytes, and on CUDA only bf16 is supported."""
+    if not available:
+        return "this torch has no grouped_mm"
+    if device_type == "cuda" and dtype != torch.bfloat16:
+        return f"grouped_mm takes only bfloat16 on CUDA, not {str(dtype).removeprefix('torch.')}"
+    if rows <= 0:
+        return "no routed rows"
+    size = dtype.itemsize
+    if (hidden * size) % 16 or (inner * size) % 16:
+        return f"grouped_mm needs 16-byte row strides (hidden {hidden}, width {inner}, {size}-byte elements)"
+    return None
+
+
+_logged: set[tuple[str, str, str | None]] = set()     # (requested, run, reason) reported already
+
+
+def _log_choice(requested: str, choice: KernelChoice) -> None:
+    """Report a substitution once, not at every forward."""
+    key = (requested, *choice)
+    if key in _logged:
+        return
+    level = logging.DEBUG if choice.kernel == "few_tokens" else logging.INFO
+    if not log.isEnabledFor(level):     # not marked as logged: it is reported once logging is on
+        return
+    _logged.add(key)
+    log.log(level, "expert_impl %r runs as %r: %s", requested, choice.kernel, choice.reason)
 
 
 def permute(indices: torch.Tensor, gates: torch.Tensor, n_experts: int, padded: bool = False,
@@ -126,26 +205,37 @@ class RoutedExperts(nn.Module):
         nn.init.normal_(self.down_proj, std=std)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        if indices.numel() < self.n_experts and not torch.is_grad_enabled():
+        """x ``[N, H]``, indices / gates ``[N, K]`` -> ``[N, H]``, by the kernel :func:`choose_kernel` picks."""
+        choice = choose_kernel(self.impl, device_type=x.device.type, dtype=x.dtype,
+                               grad_enabled=torch.is_grad_enabled(), n_tokens=x.shape[0], n_routed=indices.numel(),
+                               n_experts=self.n_experts, hidden=x.shape[1], inner=self.inner,
+                               grouped_mm_available=grouped_mm is not None)
+        if choice.reason is not None:
+            _log_choice(self.impl, choice)
+        kernel = choice.kernel
+        if kernel == "few_tokens":
             return self._few_tokens(x, indices, gates)
         autocast_dt = _autocast_dtype(x)
         dt = autocast_dt or x.dtype
+        # Aligned groups serve the grouped GEMMs (LOWP_CPU_ALIGN). A grouped_mm request keeps them when
+        # the loop runs instead, over the same slots (padding slots add exactly zero).
         align = LOWP_CPU_ALIGN if x.device.type == "cpu" and dt in (torch.bfloat16, torch.float16) else 1
-        if self.impl == "fused" and _grouped_mm_ok(x, self.inner):
+        if kernel == "fused":
             plan = permute(indices, gates, self.n_experts, align=align)
             offs = torch.cumsum(plan.rows, 0).to(torch.int32)
             return FusedGroupedExperts.apply(x, plan.token, plan.gate, offs, self.gate_up_proj, self.down_proj,
                                              self.compile, autocast_dt)
-        padded = self.impl == "padded_bmm" or (self.impl == "fused" and x.is_cuda)
-        plan = permute(indices, gates, self.n_experts, padded=padded, align=align if self.impl == "grouped_mm" else 1)
-        y = self.compute(dispatch(x, plan), plan)
+        plan = permute(indices, gates, self.n_experts, padded=kernel == "padded_bmm",
+                       align=align if self.impl == "grouped_mm" else 1)
+        y = self.compute(dispatch(x, plan), plan, kernel)
         return unpermute(y, plan, x.shape[0])
 
-    def compute(self, x_slots: torch.Tensor, plan: Plan) -> torch.Tensor:
-        """Apply each expert to its slots: ``[S, H]`` -> ``[S, H]``."""
-        if plan.capacity is not None:
+    def compute(self, x_slots: torch.Tensor, plan: Plan, kernel: str) -> torch.Tensor:
+        """Apply each expert to its slots ``[S, H]`` -> ``[S, H]`` with a modular kernel: ``padded_bmm``
+        (``plan`` padded to a capacity), ``grouped_mm`` or ``loop``."""
+        if kernel == "padded_bmm":
             return self._padded(x_slots, plan.capacity)
-        if self.impl in ("grouped_mm", "fused") and x_slots.shape[0] > 0 and _grouped_mm_ok(x_slots, self.inner):
+        if kernel == "grouped_mm":
             return self._grouped(x_slots, plan.rows)
         return self._loop(x_slots, plan.rows)
 
@@ -226,14 +316,6 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     if not torch.is_autocast_enabled(kind):
         return None
     return torch.get_autocast_dtype(kind)
-
-
-def _grouped_mm_ok(x: torch.Tensor, inner: int) -> bool:
-    """Whether ``grouped_mm`` takes these operands: row strides must be multiples of 16 bytes, and on
-    CUDA only bf16 is supported. Otherwise the modular kernels run (loop; padded bmm under ``fused``)."""
-    if grouped_mm is None or (x.is_cuda and x.dtype != torch.bfloat16):
-        return False
-    return x.shape[0] > 0 and (x.shape[1] * x.element_size()) % 16 == 0 and (inner * x.element_size()) % 16 == 0
 
 
 def _gated(a: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
