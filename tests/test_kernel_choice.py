@@ -11,6 +11,7 @@ import torch
 
 from moelab.config import make_config
 from moelab.model import experts as ex
+from moelab.model import kernel_choice as kc
 
 bf16, fp16, fp32, fp64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 DEFAULT = dict(device_type="cpu", dtype=fp32, grad_enabled=True, n_tokens=40, n_routed=160, n_experts=16,
@@ -112,7 +113,7 @@ def test_forward_runs_the_chosen_kernel(monkeypatch, impl, ran):
 
 
 def test_substitution_is_logged_once(monkeypatch, caplog):
-    monkeypatch.setattr(ex, "_logged", set())
+    monkeypatch.setattr(kc, "_logged", set())
     monkeypatch.setattr(ex, "grouped_mm", None)
     fused, grouped, loop = _experts("fused"), _experts("grouped_mm"), _experts("loop")
     with caplog.at_level(logging.DEBUG, logger="moelab.model.experts"):
@@ -134,7 +135,7 @@ def test_substitution_is_logged_once(monkeypatch, caplog):
 
 def test_substitution_is_logged_once_logging_is_on(monkeypatch, caplog):
     """A substitution seen while its level is off is still reported once that level is switched on."""
-    monkeypatch.setattr(ex, "_logged", set())
+    monkeypatch.setattr(kc, "_logged", set())
     monkeypatch.setattr(ex, "grouped_mm", None)
     m = _experts("fused")
     with caplog.at_level(logging.WARNING, logger="moelab.model.experts"):

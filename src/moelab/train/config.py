@@ -12,7 +12,7 @@ from typing import Any, Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from moelab.config import ModelConfig, _format_validation_error, read_toml
+from moelab.config import ModelConfig, format_validation_error, read_toml
 from moelab.errors import ConfigError
 
 
@@ -168,7 +168,7 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     try:
         return RunConfig(**data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, str(path), RunConfig)) from None
+        raise ConfigError(format_validation_error(e, str(path), RunConfig)) from None
 
 
 __all__ = ["BalanceConfig", "DataConfig", "RunConfig", "TrainConfig", "apply_overrides", "load_run_config"]

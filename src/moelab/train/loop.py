@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from moelab.config import RUNTIME_FIELDS, runtime_settings
 from moelab.data.tokens import TokenData
 from moelab.errors import TrainingError
 from moelab.interop.checkpoint import load as load_checkpoint_dir
@@ -224,14 +225,9 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
                allow_config_change=allow_config_change)
 
 
-#: ModelConfig fields that choose how the model computes, not what it is: they may differ from a
-#: ``train.init_from`` checkpoint's (the run's [model] value is used).
-RUNTIME_FIELDS = ("attn_impl", "expert_impl", "compile_experts", "initializer_range", "model_type",
-                  "aux_loss_alpha", "seq_aux", "ep_size")
-
-
-def runtime_settings(model_cfg) -> dict:
-    return {k: getattr(model_cfg, k) for k in ("attn_impl", "expert_impl", "compile_experts")}
+#: ModelConfig fields that may differ from a ``train.init_from`` checkpoint's (the run's [model] value is
+#: used): the runtime settings, and fields that do not change what the loaded model computes.
+MAY_DIFFER = (*RUNTIME_FIELDS, "initializer_range", "model_type", "aux_loss_alpha", "seq_aux", "ep_size")
 
 
 def check_same_architecture(model_cfg, checkpoint: str | Path) -> None:
@@ -246,7 +242,7 @@ def check_same_architecture(model_cfg, checkpoint: str | Path) -> None:
     theirs = read_config_json(ckpt).model_dump()
     ours = model_cfg.model_dump()
     diffs = [f"{k} {theirs.get(k)!r} (checkpoint) vs {ours.get(k)!r} ([model])"
-             for k in sorted(ours) if k not in RUNTIME_FIELDS and theirs.get(k) != ours.get(k)]
+             for k in sorted(ours) if k not in MAY_DIFFER and theirs.get(k) != ours.get(k)]
     if diffs:
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
         raise TrainingError(f"train.init_from {ckpt} has another architecture than [model]: {shown}. Make "

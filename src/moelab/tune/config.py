@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from moelab.config import _format_validation_error, non_finite_settings, read_toml
+from moelab.config import format_validation_error, non_finite_settings, read_toml
 from moelab.errors import ConfigError
 from moelab.train.config import BalanceConfig, TrainConfig, apply_overrides
 from moelab.tune.lora import LoraSettings
@@ -136,7 +136,7 @@ def load_finetune_config(path: str | Path | None, overrides: list[str] = (), met
     try:
         return FinetuneConfig(**data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, where, FinetuneConfig)) from None
+        raise ConfigError(format_validation_error(e, where, FinetuneConfig)) from None
 
 
 __all__ = ["DEFAULT_LR", "METHODS", "EsftSection", "FinetuneConfig", "FinetuneSection", "FinetuneTrainConfig",

@@ -1,4 +1,4 @@
-"""Typed model configuration, TOML loading and strict validation.
+"""The typed model configuration: :class:`ModelConfig` (architecture fields + runtime settings), strict.
 
 Field names follow Hugging Face's ``DeepseekV2Config`` / ``DeepseekV3Config`` (and the hub
 ``config.json`` files shipped with DeepSeek checkpoints), so a ``config.json`` maps one-to-one
@@ -21,13 +21,9 @@ A TOML config holds the model under ``[model]`` (later stages add their own sect
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
-
-from moelab.errors import ConfigError, did_you_mean
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 ScoringFunc = Literal["softmax", "sigmoid"]
 TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]
@@ -39,7 +35,7 @@ class _Strict(BaseModel):
 
 
 class RopeScaling(_Strict):
-    """YaRN context extension (METHODS.md §4). Applies to the RoPE dimensions only.
+    """YaRN context extension (docs/methods.md §4). Applies to the RoPE dimensions only.
 
     ``mscale`` scales cos/sin by ``mscale(s, mscale)/mscale(s, mscale_all_dim)``;
     ``mscale_all_dim`` scales the softmax by ``mscale(s, mscale_all_dim)**2``.
@@ -94,7 +90,7 @@ class ModelConfig(_Strict):
     eos_token_id: int | None = 1
     pad_token_id: int | None = None
 
-    # --- DeepSeekMoE (METHODS.md §1) --------------------------------------------------------
+    # --- DeepSeekMoE (docs/methods.md §1) --------------------------------------------------------
     n_routed_experts: int | None = 256  # None or 0: a dense model
     n_shared_experts: int | None = 1
     num_experts_per_tok: int | None = 8
@@ -102,7 +98,7 @@ class ModelConfig(_Strict):
     first_k_dense_replace: int = 0
     moe_layer_freq: int = 1
 
-    # --- routing (METHODS.md §2) ------------------------------------------------------------
+    # --- routing (docs/methods.md §2) ------------------------------------------------------------
     scoring_func: ScoringFunc = "sigmoid"
     topk_method: TopkMethod = "noaux_tc"
     n_group: int | None = 1
@@ -118,7 +114,7 @@ class ModelConfig(_Strict):
     ep_size: int = 1
     num_nextn_predict_layers: int = 0  # V3 multi-token-prediction layers are not built (skipped on load)
 
-    # --- attention (METHODS.md §4) ----------------------------------------------------------
+    # --- attention (docs/methods.md §4) ----------------------------------------------------------
     use_mla: bool = True  # False: plain MHA/GQA (dense baselines, DeepSeek-VL2-Tiny, DeepSeekMoE)
     #: None (or 0, since TOML has no null): q_proj straight from the hidden state, as in V2-Lite.
     q_lora_rank: int | None = 1536
@@ -302,7 +298,7 @@ class ModelConfig(_Strict):
 
     @property
     def softmax_scale(self) -> float:
-        """``d_qk^-0.5``, times ``mscale(s, mscale_all_dim)**2`` under YaRN (METHODS.md §4)."""
+        """``d_qk^-0.5``, times ``mscale(s, mscale_all_dim)**2`` under YaRN (docs/methods.md §4)."""
         d = self.qk_head_dim if self.use_mla else self.attn_head_dim
         scale = d**-0.5
         if self.yarn_active and self.rope_scaling.mscale_all_dim:
@@ -340,85 +336,3 @@ def runtime_settings(cfg: ModelConfig) -> dict[str, Any]:
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN attention temperature factor ``0.1·m·ln(s) + 1`` (1 when s <= 1)."""
     return 1.0 if scale <= 1.0 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def _format_validation_error(err: ValidationError, where: str, model: type[BaseModel]) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"])
-        if e["type"] == "extra_forbidden":
-            parent = model
-            for part in e["loc"][:-1]:  # walk nested models to suggest from the right field set
-                field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
-                ann = getattr(field, "annotation", None)
-                parent = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)
-                               and issubclass(a, BaseModel)), None)
-            fields = parent.model_fields if parent else {}
-            lines.append(f"unknown key '{loc}' in {where}{did_you_mean(str(e['loc'][-1]), fields)}")
-        elif e["type"] == "value_error":
-            lines.append(f"{where}: {str(e['msg']).removeprefix('Value error, ')}")
-        elif e["type"] == "finite_number":
-            lines.append(f"{loc} in {where} must be a finite number (got {e.get('input')!r})")
-        else:
-            lines.append(f"{loc} in {where}: {e['msg']} (got {e.get('input')!r})")
-    return "invalid config — " + "; ".join(lines)
-
-
-def non_finite_settings(data: Any, prefix: str = "") -> list[str]:
-    """``"<key> must be a finite number (got nan)"`` for each inf / nan float in a nested settings dict.
-
-    For sections whose models do not refuse non-finite floats themselves (pydantic ``allow_inf_nan``).
-    """
-    found: list[str] = []
-    if isinstance(data, dict):
-        for key, value in data.items():
-            found += non_finite_settings(value, f"{prefix}{key}.")
-    elif isinstance(data, list | tuple):
-        for value in data:
-            found += non_finite_settings(value, prefix)
-    elif isinstance(data, float) and not math.isfinite(data):
-        found.append(f"{prefix.rstrip('.')} must be a finite number (got {data})")
-    return found
-
-
-def make_config(values: dict[str, Any], where: str = "[model]") -> ModelConfig:
-    """Build a :class:`ModelConfig`, turning validation failures into a readable :class:`ConfigError`."""
-    try:
-        return ModelConfig(**values)
-    except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, where, ModelConfig)) from None
-
-
-#: Top-level TOML sections moelab knows: the model, and the pre-training stage (moelab.train.config).
-KNOWN_SECTIONS = {"model", "data", "train", "balance"}
-
-
-def read_toml(path: str | Path, sections: set[str] = KNOWN_SECTIONS, require_model: bool = True) -> dict[str, Any]:
-    """Parse a TOML config, rejecting unknown sections (with a "did you mean")."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{path} is a directory; give a TOML config file (e.g. configs/tiny.toml)")
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from None
-    for key in data:
-        if key not in sections:
-            raise ConfigError(f"unknown section [{key}] in {path}{did_you_mean(key, sections)}; "
-                              f"known sections: {', '.join(sorted(sections))}")
-        if not isinstance(data[key], dict):
-            raise ConfigError(f"'{key}' in {path} must be a [{key}] table of settings, not {data[key]!r}")
-    if not require_model:
-        return data
-    if "model" not in data:
-        raise ConfigError(f"{path} has no [model] section")
-    if not isinstance(data["model"], dict):
-        raise ConfigError(f"'model' in {path} must be a [model] table of settings, not {data['model']!r}")
-    return data
-
-
-def load_model_config(path: str | Path) -> ModelConfig:
-    """Read the ``[model]`` section of a TOML file into a validated :class:`ModelConfig`."""
-    return make_config(read_toml(path)["model"], where=f"[model] of {path}")
