@@ -13,24 +13,25 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from moelab.analysis import isoflop as iso
-from moelab.analysis.scaling import (
-    D_OPT,
-    M_OPT,
-    config_flops,
-    nearest_shape,
-    non_embedding_flops,
-    optimal_allocation,
-    optimal_hyperparams,
-    shape_flops,
-    suggest,
-    tokens_for_budget,
-)
-from moelab.analysis.scaling_cli import scaling_app
 from moelab.config import load_model_config
 from moelab.data.tokens import prepare
 from moelab.errors import ConfigError, DataError
 from moelab.model.accounting import model_budget
+from moelab.scaling import isoflop as iso
+from moelab.scaling.cli import scaling_app
+from moelab.scaling.isoflop_fit import fit_isoflop, fit_parabola, fit_power_law
+from moelab.scaling.isoflop_plan import SweepSettings, plan_sweep, sweep_model_config
+from moelab.scaling.laws import (
+    D_OPT,
+    M_OPT,
+    config_flops,
+    non_embedding_flops,
+    optimal_allocation,
+    optimal_hyperparams,
+    shape_flops,
+    tokens_for_budget,
+)
+from moelab.scaling.shapes import nearest_shape, suggest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXCERPT = Path(__file__).parent / "data" / "shakespeare_excerpt.txt"
@@ -120,9 +121,9 @@ def test_config_flops_reuses_accounting():
     assert f.C == pytest.approx(f.M * 5.7e12) and f.C_active == pytest.approx(f.M_active * 5.7e12)
     assert f.is_moe and f.activated_params < f.total_params
     # a dense sweep model has ~12·L·d² non-embedding parameters, so M_active ≈ M
-    dense = config_flops(iso.sweep_model_config(2, 64, 512, 128), seq_len=128)
+    dense = config_flops(sweep_model_config(2, 64, 512, 128), seq_len=128)
     assert dense.M_active == pytest.approx(dense.M, rel=0.02)
-    moe = config_flops(iso.sweep_model_config(2, 64, 512, 128, moe=True), seq_len=128)
+    moe = config_flops(sweep_model_config(2, 64, 512, 128, moe=True), seq_len=128)
     assert moe.is_moe and moe.M_active == pytest.approx(moe.M, rel=0.03)
 
 
@@ -133,17 +134,17 @@ def test_parabola_fit_recovers_vertex():
     x0, c2, floor = 5.3, 0.37, 2.1
     M = 10 ** np.linspace(4.6, 6.1, 6)
     loss = floor + c2 * (np.log10(M) - x0) ** 2
-    p = iso.fit_parabola(M, loss)
+    p = fit_parabola(M, loss)
     assert p.x_min == pytest.approx(x0, abs=1e-9) and p.c2 == pytest.approx(c2, rel=1e-9)
     assert float(p(p.x_min)) == pytest.approx(floor, abs=1e-9) and p.interior
     with pytest.raises(DataError, match="3 distinct"):
-        iso.fit_parabola(M[:2], loss[:2])
-    assert not iso.fit_parabola(M, -loss).convex
+        fit_parabola(M[:2], loss[:2])
+    assert not fit_parabola(M, -loss).convex
 
 
 def test_power_law_fit_recovers_exponent():
     C = np.geomspace(1e10, 1e14, 5)
-    law, r2 = iso.fit_power_law(C, 0.05 * C ** 0.55)
+    law, r2 = fit_power_law(C, 0.05 * C ** 0.55)
     assert law.exponent == pytest.approx(0.55, abs=1e-10) and law.coef == pytest.approx(0.05, rel=1e-8)
     assert r2 == pytest.approx(1.0)
 
@@ -158,7 +159,7 @@ def test_isoflop_fit_recovers_known_allocation():
             rows.append({"budget": C, "M": 10 ** x, "val_bpb": 3.0 - 0.1 * math.log10(C) + 0.4 * (x - x_opt) ** 2,
                          "status": "finished"})
     rows.append({"budget": 1e11, "M": 1e4, "val_bpb": None, "status": "failed"})   # ignored
-    fit = iso.fit_isoflop(rows)
+    fit = fit_isoflop(rows)
     assert fit["n_used"] == 4
     assert fit["a"] == pytest.approx(a, abs=1e-9) and fit["M_opt"]["coef"] == pytest.approx(k, rel=1e-8)
     assert fit["b"] == pytest.approx(1 - a) and fit["D_opt"]["coef"] == pytest.approx(1 / k, rel=1e-8)
@@ -168,24 +169,24 @@ def test_isoflop_fit_recovers_known_allocation():
     for r in rows:
         if r["budget"] == 3e12 and r["val_bpb"] is not None:
             r["val_bpb"] = -math.log10(r["M"])
-    fit = iso.fit_isoflop(rows)
+    fit = fit_isoflop(rows)
     assert fit["n_used"] == 3 and any("3e+12" in n for n in fit["notes"])
     assert fit["a"] == pytest.approx(a, abs=1e-9)
 
 
 def test_plan_sweep():
-    s = iso.SweepSettings(budgets=[1e13, 1e14], sizes=5, seq_len=128)
-    plan = iso.plan_sweep(s)
+    s = SweepSettings(budgets=[1e13, 1e14], sizes=5, seq_len=128)
+    plan = plan_sweep(s)
     assert len(plan) == 10 and len({r.name for r in plan}) == 10
     for r in plan:
         assert 2 <= r.n_layer <= 6 and 32 <= r.d <= 192 and r.d % 16 == 0
         assert r.C == pytest.approx(r.budget, rel=0.05) and r.steps >= s.min_steps
-    laws = iso.plan_sweep(iso.SweepSettings(budgets=[1e13, 1e14], hparams="laws"))
+    laws = plan_sweep(SweepSettings(budgets=[1e13, 1e14], hparams="laws"))
     assert laws[0].lr > laws[-1].lr and laws[0].batch_size < laws[-1].batch_size
     with pytest.raises(ConfigError, match="too small"):
-        iso.plan_sweep(iso.SweepSettings(budgets=[1e6]))
+        plan_sweep(SweepSettings(budgets=[1e6]))
     with pytest.raises(ConfigError, match="--sizes"):
-        iso.SweepSettings(budgets=[1e13], sizes=2)
+        SweepSettings(budgets=[1e13], sizes=2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,7 +274,7 @@ def test_isoflop_end_to_end(excerpt_dir, tmp_path, one_thread):
     from moelab.train.loop import train
 
     out = tmp_path / "sweep"
-    settings = iso.SweepSettings(**TINY)
+    settings = SweepSettings(**TINY)
     calls = []
 
     def interrupt_on_fourth(cfg, run_dir, **kw):
@@ -297,7 +298,7 @@ def test_isoflop_end_to_end(excerpt_dir, tmp_path, one_thread):
         assert (out / r["run_dir"] / "model").is_dir() and not (out / r["run_dir"] / "checkpoints").exists()
     assert [b["n_runs"] for b in saved["fit"]["budgets"]] == [3, 3]
     png = (out / "isoflop.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and not list(out.glob(".*.tmp"))
+    assert png.startswith(b"\x89PNG") and not list(out.glob(".*.tmp*"))
 
     # everything cached: nothing is trained again; the CLI re-fits and re-plots
     again = iso.run_sweep(excerpt_dir, out, settings, progress=False, train_fn=None)
@@ -307,7 +308,82 @@ def test_isoflop_end_to_end(excerpt_dir, tmp_path, one_thread):
     assert len(json.loads(r.output)["budgets"]) == 2
     # the same OUT with other settings is refused, not overwritten
     with pytest.raises(ConfigError, match="different settings"):
-        iso.run_sweep(excerpt_dir, out, iso.SweepSettings(**{**TINY, "lr": 1e-3}), progress=False)
+        iso.run_sweep(excerpt_dir, out, SweepSettings(**{**TINY, "lr": 1e-3}), progress=False)
+
+
+class _Finished:
+    """What :func:`moelab.train.loop.train` returns, as far as the sweep reads it."""
+
+    status, step = "finished", 0
+
+    def __init__(self, bpb: float):
+        self.last_eval = {"val_bpb": bpb, "val_loss": bpb, "val_tokens": 1024}
+
+
+def _same_row(a: dict, b: dict) -> bool:
+    def same(x, y):
+        return x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
+    return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+
+
+def _strict_json(path: Path):
+    """Standard JSON only: NaN / Infinity are refused (as jq or a browser would)."""
+    def refuse(c):
+        raise AssertionError(f"{path} holds {c}")
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+def test_isoflop_nan_is_written_as_null_and_read_back_as_before(excerpt_dir, tmp_path):
+    """A diverged run's NaN loss goes to result.json / results.json as null (moelab.common.jsonio's policy);
+    read back (a resumed sweep, `scaling fit`) the row is the one written: NaN again for a finished run,
+    None for a failed run's val_bpb, the same fit and the same progress lines."""
+    import io
+
+    from rich.console import Console
+
+    from moelab.errors import MoelabError
+
+    out = tmp_path / "sweep"
+    settings = SweepSettings(**TINY)
+    plan = plan_sweep(settings)
+    failed, diverged = plan[0].name, plan[1].name
+
+    def fake_train(cfg, run_dir, **kw):
+        if run_dir.name == failed:
+            raise MoelabError("loss is not finite")
+        run = next(r for r in plan if r.name == run_dir.name)
+        return _Finished(math.nan if run.name == diverged else 2.0 + (math.log10(run.M) - 5.0) ** 2)
+
+    first = iso.run_sweep(excerpt_dir, out, settings, progress=False, train_fn=fake_train)
+    assert first.complete and first.trained == len(plan)
+    by_name = {r["name"]: r for r in first.rows}
+    assert by_name[failed]["status"] == "failed" and by_name[failed]["val_bpb"] is None
+    assert by_name[diverged]["status"] == "finished" and math.isnan(by_name[diverged]["val_bpb"])
+
+    saved = _strict_json(out / "results.json")
+    on_disk = _strict_json(out / "runs" / diverged / "result.json")
+    assert on_disk["val_bpb"] is None and on_disk["val_loss"] is None and on_disk["status"] == "finished"
+    assert _strict_json(out / "runs" / failed / "result.json")["val_bpb"] is None
+    assert {r["name"]: r["val_bpb"] for r in saved["runs"]}[diverged] is None
+
+    def no_training(*a, **kw):
+        raise AssertionError("a finished run was trained again")
+
+    log = io.StringIO()
+    again = iso.run_sweep(excerpt_dir, out, settings, progress=True, train_fn=no_training,
+                          console=Console(file=log, width=300))
+    assert (again.cached, again.trained) == (len(plan), 0)
+    assert len(again.rows) == len(first.rows) and all(map(_same_row, again.rows, first.rows))
+    assert again.fit == first.fit
+    assert "done before, failed" in log.getvalue() and "done before, val_bpb nan" in log.getvalue()
+
+    for res in (iso.load_results(out), iso.refit(out)):
+        rows = {r["name"]: r for r in res["runs"]}
+        assert math.isnan(rows[diverged]["val_bpb"]) and rows[failed]["val_bpb"] is None
+    assert iso.refit(out)["fit"] == first.fit
+    (out / "results.json").unlink()        # then the rows come from runs/*/result.json
+    rows = {r["name"]: r for r in iso.collect_rows(out)}
+    assert all(_same_row(rows[r["name"]], r) for r in first.rows)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,7 +393,7 @@ def test_isoflop_end_to_end(excerpt_dir, tmp_path, one_thread):
 def test_isoflop_exponent_on_shakespeare(tmp_path, one_thread):
     data = tmp_path / "shk512"
     prepare("shakespeare", data, vocab_size=512, progress=False)
-    settings = iso.SweepSettings(budgets=[3e10, 1e11, 3e11], sizes=5, layers=(1, 4), widths=(8, 96),
+    settings = SweepSettings(budgets=[3e10, 1e11, 3e11], sizes=5, layers=(1, 4), widths=(8, 96),
                                  width_multiple=8, seq_len=64, aspect=16, span=0.6, batch_size=32, lr=3e-3,
                                  min_steps=20, threads=1)
     res = iso.run_sweep(data, tmp_path / "sweep", settings, progress=False)

@@ -22,12 +22,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from moelab.analysis.analyze_cli import analyze_app
-from moelab.analysis.scaling_cli import scaling_app
 from moelab.cli_utils import err, friendly
 from moelab.common.atomic import CHECKPOINT, check_output_dir
 from moelab.data.cli import data_app
 from moelab.errors import MoelabError
 from moelab.evaluate.cli import eval_app
+from moelab.scaling.cli import scaling_app
 from moelab.tune.cli import finetune_app
 from moelab.tune.esft_cli import esft_app
 

@@ -11,9 +11,9 @@ at EOS or ``max_new_tokens``. The answer is the decoded text up to the first EOS
 from __future__ import annotations
 
 import torch
-from rich.progress import Progress
 from tokenizers import Tokenizer
 
+from moelab.common.progress import Bars
 from moelab.data.sft import ChatFormat, to_messages
 from moelab.data.tasks import exact_match
 from moelab.errors import DataError
@@ -36,7 +36,7 @@ def score_exact_match(model, tokenizer: Tokenizer, rows: list[dict], template: s
         answers.append(msgs[-1]["content"])
     was_training = model.training
     correct, samples = 0, []
-    bar = Progress(transient=True, disable=not progress)
+    bar = Bars(progress)
     with bar:
         task = bar.add_task("scoring", total=len(rows))
         for s in range(0, len(rows), batch_size):

@@ -29,9 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from moelab.common.progress import Bars
 from moelab.data.tasks import exact_match
 from moelab.errors import DataError, MoelabError
 from moelab.evaluate.lm import (
@@ -46,11 +45,6 @@ from moelab.evaluate.lm import (
 
 NORMALIZE = ("none", "tokens", "bytes")
 ANSWER_MODES = ("auto", "exact", "number")
-
-
-def progress_bar(enabled: bool, what: str = "scoring") -> Progress:
-    return Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), transient=True, disable=not enabled)
 
 
 # -- log-likelihood ---------------------------------------------------------------------------------
@@ -157,8 +151,8 @@ def score_multiple_choice(model, tokenizer, rows: list[dict], normalize: str = "
         requests.extend((ctx, c) for c in conts)
         answers.append(_mc_answer(r))
     scores: list[LogLikelihood] = []
-    with progress_bar(progress, "multiple choice") as bar:
-        task = bar.add_task("mc", total=len(requests))
+    with Bars(progress) as bar:
+        task = bar.add_task("multiple choice", total=len(requests))
         for s in range(0, len(requests), batch_size):
             scores.extend(loglikelihood(model, tokenizer, requests[s:s + batch_size], batch_size))
             bar.advance(task, len(requests[s:s + batch_size]))
@@ -249,8 +243,8 @@ def score_generation(model, tokenizer, rows: list[dict], answer: str = "auto", m
             raise DataError("each generation example must be one user prompt and the reference answer")
         prompts.append(msgs[0]["content"])
         refs.append(msgs[-1]["content"])
-    with progress_bar(progress, "generating") as bar:
-        task = bar.add_task("gen", total=len(prompts))
+    with Bars(progress) as bar:
+        task = bar.add_task("generating", total=len(prompts))
         preds = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size,
                                on_batch=lambda n: bar.advance(task, n))
     ok = [answer_correct(p, a, mode) for p, a in zip(preds, refs, strict=True)]

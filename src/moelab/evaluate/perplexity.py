@@ -37,9 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from moelab.common.progress import Bars
 from moelab.errors import DataError, MoelabError
 from moelab.evaluate.lm import separator_id
 from moelab.lm.logits import context_length, forward_logits, model_device
@@ -235,8 +234,7 @@ def score_stream(model, stream: Stream, seq_len: int, stride: int | None = None,
     was_training = model.training
     model.eval()
     nll = 0.0
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=Console(stderr=True), transient=True, disable=not progress)
+    bar = Bars(progress)
     try:
         with bar:
             task = bar.add_task("perplexity", total=len(plan))

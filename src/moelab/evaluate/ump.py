@@ -17,77 +17,47 @@ to f_i flags the problem as unreasonable}; ``Rel = |solved ∧ flagged| / |solve
 solved). Reports also give the share of *originals* flagged (false alarms) and Abs per category.
 
 **Prompts.** ``plain``: the problem text alone, as the user message. ``ccc``: the Critical Calculation
-and Conclusion template. Its verbatim wording is unpublished; :data:`CCC_TEMPLATE` is the reconstruction
-``ccc-reconstructed-v1`` of docs/methods.md §9 (check the premises; solve while testing each intermediate
-quantity for plausibility; answer or declare the problem unreasonable). Every result records the
-template id; another template can be given (a text file with ``{question}``). Answers are greedy.
+and Conclusion template (:mod:`moelab.evaluate.ump_prompts`). Its verbatim wording is unpublished;
+:data:`CCC_TEMPLATE` is the reconstruction ``ccc-reconstructed-v1`` of docs/methods.md §9 (check the
+premises; solve while testing each intermediate quantity for plausibility; answer or declare the problem
+unreasonable). Every result records the template id; another template can be given (a text file with
+``{question}``). Answers are greedy.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from moelab.common.atomic import write_text
+from moelab.common.jsonio import write_json
+from moelab.common.progress import Bars
 from moelab.errors import DataError, MoelabError
 from moelab.evaluate.ump_data import (
     CATEGORIES,
     PAPER_SHARES,
     UMPItem,
-    atomic_write,
     generate_ump,
     make_flawed,
     read_items,
     strip_suffix,
     write_items,
 )
-
-MODES = ("plain", "ccc")
-
-CCC_TEMPLATE_ID = "ccc-reconstructed-v1"
-#: A reconstruction (the paper's wording is not public); see the module docstring.
-CCC_TEMPLATE = (
-    "Solve the following math problem with Critical Calculation and Conclusion.\n"
-    "1. Check the premises: are the conditions consistent with each other and possible in the real world?\n"
-    "2. Solve step by step. Test every intermediate quantity for plausibility: negative or fractional "
-    "counts, parts larger than their totals, impossible units or times.\n"
-    "3. Conclude. If the problem is reasonable, give the final answer as a number. If it is not, state "
-    "that the problem is unreasonable and explain why.\n"
-    "\n"
-    "Problem: {question}"
+from moelab.evaluate.ump_judge import JUDGE_ID, flags_unreasonable
+from moelab.evaluate.ump_prompts import (
+    CCC_TEMPLATE,
+    CCC_TEMPLATE_ID,
+    MODES,
+    PLAIN_TEMPLATE,
+    PLAIN_TEMPLATE_ID,
+    load_template,
+    render_prompt,
 )
-PLAIN_TEMPLATE_ID = "plain-v1"
-PLAIN_TEMPLATE = "{question}"
 
-
-# -- prompts and metrics ----------------------------------------------------------------------------
-
-def load_template(mode: str, ccc_template: str | os.PathLike | None = None) -> tuple[str, str]:
-    """``(template id, template)`` of a prompt mode; ``ccc_template`` (a file) replaces the built-in CCC
-    reconstruction, with id ``file:<name>:<sha256[:12]>``."""
-    if mode == "plain":
-        return PLAIN_TEMPLATE_ID, PLAIN_TEMPLATE
-    if mode != "ccc":
-        raise MoelabError(f"unknown prompt mode {mode!r}; use plain, ccc or both")
-    if ccc_template is None:
-        return CCC_TEMPLATE_ID, CCC_TEMPLATE
-    p = Path(ccc_template)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read the CCC template {p}: {e}") from None
-    if "{question}" not in text:
-        raise DataError(f"the CCC template {p} has no {{question}} placeholder; add one where the problem goes")
-    return f"file:{p.name}:{hashlib.sha256(text.encode()).hexdigest()[:12]}", text
-
-
-def render_prompt(template: str, question: str) -> str:
-    """The user message: the template with ``{question}`` replaced (no other placeholder is expanded)."""
-    return template.replace("{question}", question)
-
+# -- metrics ----------------------------------------------------------------------------------------
 
 def ump_metrics(solved: Sequence[bool], flagged: Sequence[bool]) -> dict:
     """Acc, Abs and Rel of docs/methods.md §9 from per-item booleans (item i: ``solved[i]`` = the original was
@@ -116,9 +86,8 @@ def run_ump(model, tokenizer, items: Sequence[UMPItem], modes: Sequence[str] = M
     Returns ``{"modes": {mode: {"template_id", "metrics", "per_category", "original_flag_rate",
     "seconds"}}, "responses": [...], ...}``; one response record per item and mode.
     """
-    from moelab.evaluate.harness import extract_number, numbers_equal, progress_bar
+    from moelab.evaluate.harness import extract_number, numbers_equal
     from moelab.evaluate.lm import generate_texts
-    from moelab.evaluate.ump_judge import JUDGE_ID, flags_unreasonable
 
     judge = judge or flags_unreasonable
     if not items:
@@ -127,8 +96,8 @@ def run_ump(model, tokenizer, items: Sequence[UMPItem], modes: Sequence[str] = M
     templates = {m: load_template(m, ccc_template) for m in modes}
     out: dict = {"n": len(items), "judge": JUDGE_ID if judge is flags_unreasonable else getattr(judge, "__name__", "custom"),
                  "max_new_tokens": max_new_tokens, "modes": {}, "responses": []}
-    with progress_bar(progress, "UMP") as bar:
-        task = bar.add_task("ump", total=2 * len(items) * len(modes))
+    with Bars(progress) as bar:
+        task = bar.add_task("UMP", total=2 * len(items) * len(modes))
         for mode in modes:
             tid, template = templates[mode]
             prompts = [render_prompt(template, it.original) for it in items] + \
@@ -192,15 +161,15 @@ def write_report(report: dict, items: Sequence[UMPItem], out_dir: str | os.PathL
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} exists and is not a directory; give a directory for --out")
     summary = {k: v for k, v in report.items() if k != "responses"}
-    return {
-        "results": atomic_write(out / "results.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n"),
-        "responses": atomic_write(out / "responses.jsonl", "".join(
-            json.dumps(r, ensure_ascii=False) + "\n" for r in report["responses"])),
-        "items": write_items(items, out / "items.jsonl"),
-        "table": atomic_write(out / "table.md", results_table(report)),
-    }
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"results": write_json(out / "results.json", summary, ensure_ascii=False),
+             "responses": out / "responses.jsonl", "items": out / "items.jsonl", "table": out / "table.md"}
+    write_text(paths["responses"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in report["responses"]))
+    write_items(items, paths["items"])
+    write_text(paths["table"], results_table(report))
+    return paths
 
 
-__all__ = ["CATEGORIES", "CCC_TEMPLATE", "CCC_TEMPLATE_ID", "MODES", "PAPER_SHARES", "UMPItem", "generate_ump",
-           "load_template", "make_flawed", "read_items", "render_prompt", "results_table", "run_ump", "strip_suffix",
-           "ump_metrics", "write_items", "write_report"]
+__all__ = ["CATEGORIES", "CCC_TEMPLATE", "CCC_TEMPLATE_ID", "MODES", "PAPER_SHARES", "PLAIN_TEMPLATE",
+           "PLAIN_TEMPLATE_ID", "UMPItem", "generate_ump", "load_template", "make_flawed", "read_items",
+           "render_prompt", "results_table", "run_ump", "strip_suffix", "ump_metrics", "write_items", "write_report"]

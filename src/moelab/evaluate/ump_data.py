@@ -36,11 +36,11 @@ import json
 import os
 import random
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from moelab.common.atomic import write_text
 from moelab.errors import DataError, MoelabError
 
 CATEGORIES = ("incorrect_assumptions", "inconsistent_conditions", "undefined_variables", "units",
@@ -288,22 +288,12 @@ def generate_ump(n: int, seed: int = 0, categories: Sequence[str] = CATEGORIES) 
 
 # -- files ------------------------------------------------------------------------------------------
 
-def atomic_write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_items(items: Sequence[UMPItem], path: str | os.PathLike) -> Path:
     """Write items as JSON Lines, atomically."""
-    return atomic_write(Path(path), "".join(json.dumps(i.to_dict(), ensure_ascii=False) + "\n" for i in items))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, "".join(json.dumps(i.to_dict(), ensure_ascii=False) + "\n" for i in items))
+    return path
 
 
 def read_items(path: str | os.PathLike) -> list[UMPItem]:
@@ -330,5 +320,5 @@ def read_items(path: str | os.PathLike) -> list[UMPItem]:
     return items
 
 
-__all__ = ["CATEGORIES", "EDITS", "PAPER_SHARES", "RG_SUFFIX", "UMPItem", "atomic_write", "generate_ump",
+__all__ = ["CATEGORIES", "EDITS", "PAPER_SHARES", "RG_SUFFIX", "UMPItem", "generate_ump",
            "make_flawed", "read_items", "strip_suffix", "write_items"]

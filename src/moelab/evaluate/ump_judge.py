@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import re
 
+from moelab.evaluate.ump_prompts import CCC_TEMPLATE
+
 JUDGE_ID = "rules-v1"
 
 _FLAG = re.compile(r"\b(?:" + "|".join([
@@ -76,8 +78,6 @@ def _echoes(sentence: str, sources: list[str]) -> bool:
 
 def flagged_sentences(answer: str, prompt: str | None = None) -> list[str]:
     """The sentences of ``answer`` that flag the problem (lower-cased, contractions expanded)."""
-    from moelab.evaluate.ump import CCC_TEMPLATE
-
     sources = [_normalise(CCC_TEMPLATE)] + ([_normalise(prompt)] if prompt else [])
     out = []
     for sent in _sentences(_normalise(answer)):

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from moelab.common.atomic import write_file, write_text
+from moelab.common.atomic import write_text
+from moelab.common.figures import save_figure
 from moelab.errors import ConfigError, MoelabError
 
 SMOOTH_STEPS = 100
@@ -175,16 +175,6 @@ def _si(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _save(fig: Figure, path: Path) -> None:
-    """Render ``fig`` to PNG with Agg and move it into place atomically."""
-    FigureCanvasAgg(fig)
-    write_file(path, lambda f: fig.savefig(f, format="png", dpi=120), "wb")
-
-
-def _write_text(text: str, path: Path) -> None:
-    write_text(path, text)
-
-
 def _tokens_axis(ax, steps: np.ndarray, tokens: np.ndarray) -> None:
     """A top x-axis in tokens, when tokens grow strictly with the step (piecewise-linear map)."""
     ok = np.isfinite(steps) & np.isfinite(tokens)
@@ -236,7 +226,7 @@ def plot_loss(m: Metrics, path: Path) -> None:
     ax.set_title("Training and validation loss")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
-    _save(fig, path)
+    save_figure(fig, path, dpi=120)
 
 
 def plot_maxvio(m: Metrics, path: Path) -> None:
@@ -265,7 +255,7 @@ def plot_maxvio(m: Metrics, path: Path) -> None:
     ax.grid(alpha=0.3)
     if drew:
         ax.legend(loc="upper right")
-    _save(fig, path)
+    save_figure(fig, path, dpi=120)
 
 
 def plot_expert_load(load: np.ndarray, layers: list[int], path: Path) -> None:
@@ -291,7 +281,7 @@ def plot_expert_load(load: np.ndarray, layers: list[int], path: Path) -> None:
     )
     ax.set_title(f"Expert load on the validation set (E = {n_experts} routed experts)\n"
                  "white = uniform share 1/E (dashed on the colour bar), red = over, blue = under", fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path, dpi=120)
 
 
 def _fmt(x: float, spec: str) -> str:
@@ -363,5 +353,5 @@ def write_report(run_dir: Path) -> Path:
     else:
         (out / "expert_load.png").unlink(missing_ok=True)  # stale from an earlier report
     summary = out / "summary.md"
-    _write_text(_summary(run_dir, metrics, load), summary)
+    write_text(summary, _summary(run_dir, metrics, load))
     return summary

@@ -96,7 +96,7 @@ def flops(
         moelab scaling flops configs/tiny.toml --seq-len 256 --budget 1e15
         moelab scaling flops configs/deepseek-v2-lite.toml --tokens 5.7e12 --json
     """
-    from moelab.analysis.scaling import (
+    from moelab.scaling.laws import (
         PAPER_SEQ_LEN,
         PAPER_VOCAB,
         check_budget,
@@ -177,7 +177,7 @@ def suggest(
         moelab scaling suggest --budget 8.456e22          # DeepSeek 7B: η 4.25e-4, 2252 × 4096 tokens
         moelab scaling suggest --budget 1e15 --seq-len 256 --multiple 16 --aspect 32
     """
-    from moelab.analysis.scaling import suggest as run_suggest
+    from moelab.scaling.shapes import suggest as run_suggest
 
     s = run_suggest(budget, seq_len, n_vocab=vocab, multiple=multiple, aspect=aspect)
     if as_json:
@@ -249,7 +249,8 @@ def isoflop(
             --layers 1,4 --widths 16,96 --seq-len 64 --aspect 24 --dry-run
         moelab scaling isoflop runs/data/shk512 --budgets 1e13,3e13,1e14 --out runs/isoflop-big --hparams laws
     """
-    from moelab.analysis.isoflop import SweepSettings, plan_sweep, run_sweep
+    from moelab.scaling.isoflop import run_sweep
+    from moelab.scaling.isoflop_plan import SweepSettings, plan_sweep
 
     values = list(budgets) + [a for a in ctx.args]
     bad = [a for a in ctx.args if a.startswith("-")]
@@ -315,7 +316,7 @@ def fit(
 
         moelab scaling fit runs/isoflop
     """
-    from moelab.analysis.isoflop import refit
+    from moelab.scaling.isoflop import refit
 
     res = refit(directory)
     if as_json:
