@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from typer.testing import CliRunner
 
 import moelab.data.sources as sources_mod
-import moelab.data.tokens as tokens_mod
+import moelab.data.tokens.encode as tokens_mod
 from moelab.data.cli import data_app
 from moelab.data.sources import DataWarning, ReadStats, Source, split_scenes
 from moelab.data.tokenizer import EOS, SPECIAL_TOKENS, byte_level_tokenizer, load_tokenizer, train_tokenizer

@@ -21,7 +21,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import moelab.model.accounting as accounting
+import moelab.model.memory as accounting  # the host-memory check (was in moelab.model.accounting)
 from moelab.cli import app
 from moelab.data.sft import load_sft
 from moelab.data.sources import DataWarning
@@ -214,7 +214,7 @@ def test_prepare_encodes_a_long_document_in_bounded_pieces(tmp_path):
 # 8. a full disk
 # ----------------------------------------------------------------------------------------------
 def test_disk_full_is_one_line(tmp_path, monkeypatch):
-    import moelab.data.tokens as tokens_mod
+    import moelab.data.tokens.encode as tokens_mod
     import moelab.interop.checkpoint as ckpt_mod
 
     src = tmp_path / "src"

@@ -23,17 +23,15 @@ from moelab.analysis.routing import (
     RoutingStats,
     collect_routing,
     cover_set,
-    data_kind,
     js_divergence,
     layer_metrics,
-    load_samples,
     normalized_entropy,
     overlap,
     routed_layers,
     routing_report,
-    unique_names,
 )
 from moelab.config import make_config
+from moelab.data.samples import data_kind, load_samples, unique_names
 from moelab.data.tokenizer import byte_level_tokenizer, save_tokenizer
 from moelab.data.tokens import prepare
 from moelab.errors import ConfigError, DataError

@@ -52,6 +52,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from moelab.common.figures import save_figure
+from moelab.common.progress import progress_bar
 from moelab.errors import ConfigError, DataError
 from moelab.lm.logits import forward_logits, model_device
 
@@ -225,8 +227,6 @@ def parameter_activation(model: nn.Module, samples: Sequence[torch.Tensor], name
         for s in scope:
             s.param.requires_grad_(True)
         model.eval()
-        from moelab.analysis.routing import progress_bar
-
         with progress_bar(list(samples), progress, f"activation {name}") as items:
             for k, ids in enumerate(items):
                 for s in scope:
@@ -276,8 +276,6 @@ def plot_activation(counts: dict[str, dict[int, int]], sizes: dict[int, int], ga
     layer-wise prune ratios S_i on a second axis."""
     from matplotlib.figure import Figure
 
-    from moelab.analysis.routing import save_figure
-
     layers = sorted(sizes)
     fig = Figure(figsize=(10, 4.4), layout="constrained")
     ax = fig.subplots()
@@ -306,8 +304,6 @@ def plot_activation(counts: dict[str, dict[int, int]], sizes: dict[int, int], ga
 def plot_llmdcos(curves: dict[str, dict[int, float]], path: str | os.PathLike) -> Path:
     """LLMDcos per layer for each named pair (e.g. cross-domain and within-domain halves)."""
     from matplotlib.figure import Figure
-
-    from moelab.analysis.routing import save_figure
 
     fig = Figure(figsize=(10, 4.2), layout="constrained")
     ax = fig.subplots()

@@ -68,17 +68,10 @@ def routing(
     """Per MoE layer and routed expert: load share, top-n concentration, normalised entropy, the smallest
     expert set covering COVERAGE of the load; between datasets: Jaccard of those sets, cosine and JS
     divergence of the load vectors. Writes routing.json, routing_load.png and routing_overlap.png."""
-    from moelab.analysis.routing import (
-        check_data,
-        collect_routing,
-        load_samples,
-        plot_routing_load,
-        plot_routing_overlap,
-        routed_layers,
-        routing_report,
-        unique_names,
-        write_json,
-    )
+    from moelab.analysis.routing import collect_routing, routed_layers, routing_report
+    from moelab.analysis.routing_plots import plot_routing_load, plot_routing_overlap
+    from moelab.common.jsonio import write_json
+    from moelab.data.samples import check_data, load_samples, unique_names
     from moelab.errors import ConfigError
 
     if not 0 < coverage <= 1:
@@ -171,7 +164,7 @@ def activation(
     Writes activation.json, activation_counts.png, llmdcos.png and pruning.png."""
     from moelab.analysis.activation import PUBLISHED_THRESHOLDS, llmdcos, parameter_activation
     from moelab.analysis.pruning import layerwise_sparsity
-    from moelab.analysis.routing import check_data, data_kind, load_samples, unique_names
+    from moelab.data.samples import check_data, data_kind, load_samples, unique_names
 
     _check_activation_options(data, out, activation_threshold, activation_threshold_mode, sparsity, alpha, beta)
     device = resolve_device(device)
@@ -275,7 +268,7 @@ def _prune_sweep(m, tok, default_spec, calib, eval_data, n_calib, n_eval, seq_le
                  vocab, ratios_by_s, batch_size, sequential, max_dim, quiet):
     """Dense perplexity, then Wanda uniform and layer-wise at every sparsity (weights restored between runs)."""
     from moelab.analysis.pruning import perplexity, restore, snapshot, wanda_prune
-    from moelab.analysis.routing import load_samples
+    from moelab.data.samples import load_samples
 
     calib_spec, eval_spec = calib or default_spec, eval_data or default_spec
 
@@ -316,7 +309,7 @@ def _prune_sweep(m, tok, default_spec, calib, eval_data, n_calib, n_eval, seq_le
 
 
 def _write(result: dict, out: Path) -> Path:
-    from moelab.analysis.routing import write_json
+    from moelab.common.jsonio import write_json
 
     def keys(o):
         if isinstance(o, dict):

@@ -151,8 +151,10 @@ def probes(
     """
     import torch
 
-    from moelab.analysis.probes import ProbeSettings, run_probes, write_results
+    from moelab.analysis.probes import run_probes
     from moelab.analysis.probes_data import MAX_DIGITS
+    from moelab.analysis.probes_files import write_results
+    from moelab.analysis.probes_settings import ProbeSettings
     from moelab.interop.hf_lm import load_causal_lm
 
     settings = ProbeSettings(

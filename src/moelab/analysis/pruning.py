@@ -48,7 +48,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.analysis.activation import MAX_DIM, ScopeParam, activation_scope
-from moelab.analysis.routing import batched, progress_bar
+from moelab.common.figures import save_figure
+from moelab.common.progress import progress_bar
+from moelab.data.samples import batched
 from moelab.errors import ConfigError, DataError
 from moelab.lm.logits import forward_logits, model_device
 from moelab.lm.nll import token_nll
@@ -297,8 +299,6 @@ def perplexity(model: nn.Module, samples: Sequence[torch.Tensor], batch_size: in
 def plot_pruning(results: dict, path: str | os.PathLike, dense_ppl: float | None = None) -> Path:
     """Perplexity vs overall sparsity: ``results = {"uniform": {S: ppl}, "layerwise": {S: ppl}}``."""
     from matplotlib.figure import Figure
-
-    from moelab.analysis.routing import save_figure
 
     fig = Figure(figsize=(7, 4.4), layout="constrained")
     ax = fig.subplots()

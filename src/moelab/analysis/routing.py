@@ -7,6 +7,8 @@ how much two datasets share experts (docs/methods.md §5: tasks concentrate on f
     report = routing_report(stats, coverage=0.5)      # the JSON written by `moelab analyze routing`
     plot_routing_load(stats, "out/routing_load.png"); plot_routing_overlap(report, "out/routing_overlap.png")
 
+(``load_samples``: :mod:`moelab.data.samples`; the plots: :mod:`moelab.analysis.routing_plots`.)
+
 Legend: E routed experts, K experts per token, N tokens, L MoE layers, D datasets.
 
 Per dataset, MoE layer l and routed expert e, counted over every (non-padding) token:
@@ -28,292 +30,27 @@ Between two datasets a and b, per layer (and averaged over layers):
 * ``cosine``  = load_a · load_b / (‖load_a‖ ‖load_b‖);
 * ``js``      = Jensen–Shannon divergence of the two load distributions in bits ∈ [0, 1] (0 = identical).
 
-Datasets (:func:`load_samples`, shared with :mod:`moelab.analysis.activation`) are token directories
-(``moelab data prepare``), SFT JSON Lines files (prompt/completion or messages; packed rows, or k-shot
-prompts) or any text source of :mod:`moelab.data.sources` (``shakespeare``, a directory, a glob, a file).
+Datasets (:func:`moelab.data.samples.load_samples`) are token directories (``moelab data prepare``), SFT
+JSON Lines files (prompt/completion or messages; packed rows, or k-shot prompts) or any text source of
+:mod:`moelab.data.sources` (``shakespeare``, a directory, a glob, a file).
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from moelab.common.progress import progress_bar
+from moelab.data.samples import batched
 from moelab.errors import ConfigError, DataError
+from moelab.model.layers import moe_layers
+from moelab.model.transformer import DeepSeekForCausalLM
 
 DEFAULT_COVERAGE = 0.5
-
-
-# ----------------------------------------------------------------------------------------------
-# datasets -> token sequences
-# ----------------------------------------------------------------------------------------------
-def data_kind(spec: str | os.PathLike) -> str:
-    """``tokens`` (a token directory), ``sft`` (JSON Lines with ``prompt``/``messages``) or ``text``."""
-    p = Path(spec)
-    if p.is_dir() and (p / "meta.json").is_file():
-        return "tokens"
-    if p.is_file() and p.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        try:
-            with open(p, encoding="utf-8") as f:
-                first = next((line for line in f if line.strip()), "")
-            obj = json.loads(first) if first else None
-        except (OSError, ValueError, UnicodeDecodeError):
-            obj = None
-        if isinstance(obj, dict) and ("messages" in obj or "prompt" in obj):
-            return "sft"
-    return "text"
-
-
-def check_data(spec: str | os.PathLike, split: str = "val", text_field: str = "text") -> None:
-    """Raise a :class:`DataError` unless ``spec`` names data :func:`load_samples` can read (cheap: no
-    tokenising), so that a command fails before it loads a model."""
-    kind = data_kind(spec)
-    if kind == "tokens":
-        from moelab.data.tokens import read_meta
-
-        meta_splits = read_meta(spec).get("splits", {})
-        if split not in meta_splits:
-            raise DataError(f"{spec} has no {split!r} split (it has {', '.join(meta_splits) or 'none'}); "
-                            "pass --split train (or another split)")
-    elif kind == "text":
-        from moelab.data.sources import Source
-
-        Source(spec, text_field)
-
-
-def dataset_name(spec: str | os.PathLike) -> str:
-    """A short label for a dataset spec: the file stem or directory name (``shakespeare`` stays)."""
-    p = Path(str(spec).rstrip("/"))
-    return p.stem if p.suffix else (p.name or str(spec))
-
-
-def unique_names(specs: Sequence[str]) -> list[str]:
-    """:func:`dataset_name` of each spec, with ``#2``, ``#3``... appended to repeated names."""
-    out: list[str] = []
-    for s in specs:
-        name, k = dataset_name(s), 2
-        while name in out:
-            name, k = f"{dataset_name(s)}#{k}", k + 1
-        out.append(name)
-    return out
-
-
-def _backend(tokenizer):
-    """The ``tokenizers.Tokenizer`` behind a transformers fast tokenizer (or the argument itself)."""
-    from tokenizers import Tokenizer
-
-    if isinstance(tokenizer, Tokenizer):
-        return tokenizer
-    return getattr(tokenizer, "backend_tokenizer", None)
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    be = _backend(tokenizer)
-    if be is not None:
-        return be.encode(text, add_special_tokens=False).ids
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-class _Renderer:
-    """Chat messages -> token ids with whatever the tokenizer offers.
-
-    The DeepSeek template of :class:`moelab.data.sft.ChatFormat` when the tokenizer reserves the DeepSeek
-    special tokens (every moelab tokenizer does), else the tokenizer's own chat template (SmolLM2 and other
-    transformers chat models), else plain ``User: ...\\n\\nAssistant: ...`` text.
-    """
-
-    def __init__(self, tokenizer):
-        from moelab.data.sft import ChatFormat
-        from moelab.data.tokenizer import ASSISTANT, BOS, EOS, USER
-
-        self.tok, self.fmt = tokenizer, None
-        be = _backend(tokenizer)
-        if be is not None and all(be.token_to_id(t) is not None for t in (BOS, EOS, USER, ASSISTANT)):
-            self.fmt = ChatFormat(be, "deepseek")
-            self.pad = self.fmt.pad
-            return
-        self.template = bool(getattr(tokenizer, "chat_template", None))
-        pad = getattr(tokenizer, "pad_token_id", None)
-        pad = getattr(tokenizer, "eos_token_id", None) if pad is None else pad
-        self.pad = 0 if pad is None else int(pad)
-
-    def _plain(self, messages: list[dict], prompt: bool) -> str:
-        parts = []
-        for m in messages:
-            if m["role"] == "system":
-                parts.append(m["content"] + "\n\n")
-            elif m["role"] == "user":
-                parts.append(f"User: {m['content']}\n\nAssistant: ")
-            else:
-                parts.append(m["content"] + "\n\n")
-        return "".join(parts) if prompt else "".join(parts).rstrip("\n")
-
-    def full(self, messages: list[dict]) -> list[int]:
-        """The whole conversation (every assistant turn included)."""
-        if self.fmt is not None:
-            return self.fmt.render(messages).ids
-        if self.template:
-            return _encode(self.tok, self.tok.apply_chat_template(messages, tokenize=False))
-        return _encode(self.tok, self._plain(messages, False))
-
-    def prompt(self, messages: list[dict]) -> list[int]:
-        """The conversation up to where the next assistant turn would start."""
-        if self.fmt is not None:
-            return self.fmt.prompt_ids(messages)
-        if self.template:
-            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return _encode(self.tok, text)
-        return _encode(self.tok, self._plain(messages, True))
-
-
-def load_samples(spec: str | os.PathLike, tokenizer, n: int, seq_len: int, *, seed: int = 0,
-                 split: str = "val", shots: int | None = None, text_field: str = "text",
-                 vocab_size: int | None = None) -> list[torch.Tensor]:
-    """Up to ``n`` token sequences (int64 ``[T_i]``, ``T_i <= seq_len``) from a dataset spec.
-
-    * token directory: ``n`` windows of ``seq_len`` tokens at seeded random offsets of ``split``;
-    * SFT JSON Lines: with ``shots = None``, rows of whole examples packed up to ``seq_len`` tokens (trailing
-      padding removed; at most as many rows as the file fills); with ``shots = k``, ``n`` k-shot prompts —
-      k solved examples then one more question, ending where the answer would start (cut on the left
-      to ``seq_len``), so the next token is an answer token (the 3-shot prompts of docs/methods.md §7);
-    * anything else is a text source (:class:`moelab.data.sources.Source`): documents drawn in a seeded
-      order, each tokenised and cut to a window of ``seq_len`` tokens at a random offset (a shorter
-      document is taken whole; fewer than 8 tokens are skipped); with fewer documents than ``n``, each gives
-      several non-overlapping windows.
-
-    ``tokenizer`` is the model's (a transformers tokenizer or a ``tokenizers.Tokenizer``); ``vocab_size``,
-    when given, checks that every id fits the model.
-    """
-    if n < 1 or seq_len < 2:
-        raise DataError(f"need n >= 1 samples of seq_len >= 2 tokens (got n={n}, seq_len={seq_len})")
-    kind = data_kind(spec)
-    rng = np.random.default_rng(seed)
-    if kind == "tokens":
-        from moelab.data.tokens import TokenData, read_meta
-
-        meta_splits = read_meta(spec).get("splits", {})
-        if split not in meta_splits:
-            raise DataError(f"{spec} has no {split!r} split (it has {', '.join(meta_splits) or 'none'}); "
-                            "pass --split train (or another split)")
-        x, _ = TokenData(spec, split).batch(n, seq_len, step=0, seed=seed)
-        out = list(x)
-    elif kind == "sft":
-        out = _sft_samples(spec, tokenizer, n, seq_len, rng, seed, shots)
-    else:
-        out = _text_samples(spec, tokenizer, n, seq_len, rng, text_field)
-    if not out:
-        raise DataError(f"{spec} gave no token sequences; give a larger dataset or a shorter --seq-len")
-    if vocab_size is not None:
-        hi = max(int(s.max()) for s in out)
-        if hi >= vocab_size:
-            raise DataError(f"{spec} holds token id {hi}, outside the model's vocabulary (0..{vocab_size - 1}); "
-                            "was it tokenised with this model's tokenizer? Prepare it again with "
-                            "`moelab data prepare ... --tokenizer MODEL_DIR`")
-    return out
-
-
-def _sft_samples(spec, tokenizer, n, seq_len, rng, seed, shots) -> list[torch.Tensor]:
-    from moelab.data.sft import Example, pack, read_jsonl
-
-    convs = [m for _, m in read_jsonl(spec, skip_hint=None)]     # the analyze commands cannot skip lines
-    if not convs:
-        raise DataError(f"{spec} holds no examples")
-    r = _Renderer(tokenizer)
-    if shots is None:
-        examples = [Example(ids, list(ids), 0) for ids in (r.full(m) for m in convs)]
-        ids, _ = pack(examples, seq_len, r.pad, seed=seed)
-        rows = []
-        for row in ids[:n, :-1]:
-            keep = len(row)
-            while keep > 1 and row[keep - 1] == r.pad:
-                keep -= 1
-            rows.append(torch.from_numpy(row[:keep].copy()))
-        return rows
-    if shots < 0:
-        raise DataError(f"shots must be >= 0 (got {shots})")
-    if len(convs) < shots + 1:
-        raise DataError(f"{spec} has {len(convs)} examples, fewer than shots + 1 = {shots + 1}; use fewer shots")
-    out = []
-    for _ in range(n):
-        pick = rng.choice(len(convs), size=shots + 1, replace=False)
-        msgs = [m for i in pick[:-1] for m in convs[int(i)]]
-        query = list(convs[int(pick[-1])])
-        while query and query[-1]["role"] == "assistant":     # ask, do not answer
-            query.pop()
-        ids = r.prompt([m for m in msgs if m["role"] != "system"] + query)[-seq_len:]
-        out.append(torch.tensor(ids, dtype=torch.long))
-    return out
-
-
-def _text_samples(spec, tokenizer, n, seq_len, rng, text_field, max_docs: int = 100_000) -> list[torch.Tensor]:
-    from moelab.data.sources import Source
-
-    docs = []
-    for d in Source(spec, text_field).documents():
-        docs.append(d.text)
-        if len(docs) >= max_docs:
-            break
-    out: list[torch.Tensor] = []
-    per_doc = -(-n // max(len(docs), 1))            # a few long documents give several windows each
-    for i in rng.permutation(len(docs)):
-        ids = _encode(tokenizer, docs[int(i)])
-        if len(ids) < 8:
-            continue
-        if len(ids) <= seq_len:
-            out.append(torch.tensor(ids, dtype=torch.long))
-        else:                                        # non-overlapping windows at a random shift
-            chunks = len(ids) // seq_len
-            shift = int(rng.integers(0, len(ids) - chunks * seq_len + 1))
-            for c in sorted(rng.choice(chunks, size=min(per_doc, chunks, n - len(out)), replace=False)):
-                start = shift + int(c) * seq_len
-                out.append(torch.tensor(ids[start:start + seq_len], dtype=torch.long))
-        if len(out) >= n:
-            break
-    return out[:n]
-
-
-def batched(samples: Sequence[torch.Tensor], batch_size: int) -> Iterable[torch.Tensor]:
-    """Consecutive samples of equal length stacked into ``[B, T]`` batches of at most ``batch_size``."""
-    run: list[torch.Tensor] = []
-    for s in samples:
-        if run and (len(s) != len(run[0]) or len(run) == batch_size):
-            yield torch.stack(run)
-            run = []
-        run.append(s)
-    if run:
-        yield torch.stack(run)
-
-
-class progress_bar:
-    """``with progress_bar(items, enabled, "what") as it: for x in it: ...`` — a rich bar on stderr."""
-
-    def __init__(self, items, enabled: bool, what: str, total: int | None = None):
-        self.items, self.enabled, self.what, self.total, self.bar = items, enabled, what, total, None
-
-    def __enter__(self):
-        if not self.enabled:
-            return iter(self.items)
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        total = self.total if self.total is not None else (len(self.items) if hasattr(self.items, "__len__")
-                                                           else None)
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-        self.bar.__enter__()
-        return self.bar.track(self.items, total=total, description=self.what)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-        return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,14 +58,11 @@ class progress_bar:
 # ----------------------------------------------------------------------------------------------
 def routed_layers(model) -> dict:
     """Decoder-layer index -> :class:`moelab.model.moe.DeepSeekMoE` block; a ConfigError if there are none."""
-    from moelab.model.moe import DeepSeekMoE
-    from moelab.model.transformer import DeepSeekForCausalLM
-
     if not isinstance(model, DeepSeekForCausalLM):
         raise ConfigError(f"routing analysis needs routed experts, and {type(model).__name__} is not a moelab "
                           "mixture-of-experts model; give a moelab / DeepSeek checkpoint directory (it loads "
                           "with moelab's MoE layers, whose routing decisions can be observed)")
-    layers = {i: layer.mlp for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, DeepSeekMoE)}
+    layers = moe_layers(model)
     if not layers:
         cfg = model.config
         raise ConfigError(f"routing analysis needs routed experts; this model (n_routed_experts="
@@ -513,120 +247,5 @@ def _mean(values: Iterable[float]) -> float:
     return float(sum(v) / len(v)) if v else float("nan")
 
 
-# ----------------------------------------------------------------------------------------------
-# files and plots
-# ----------------------------------------------------------------------------------------------
-def _finite(obj):
-    """JSON-safe copy: NaN / ±inf become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def write_json(path: str | os.PathLike, obj) -> Path:
-    """Write ``obj`` as indented JSON (non-finite numbers as null), atomically."""
-    from moelab.analysis.isoflop import write_atomic
-
-    write_atomic(Path(path), json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")
-    return Path(path)
-
-
-def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Render a matplotlib ``Figure`` to PNG at ``path`` atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    from moelab.analysis.isoflop import write_atomic
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    write_atomic(Path(path), buf.getvalue())
-    return Path(path)
-
-
-def plot_routing_load(stats: Sequence[RoutingStats], path: str | os.PathLike) -> Path:
-    """One layer × expert heatmap of ``load`` per dataset (shared colour scale, 1/E marked on the bar);
-    with exactly two datasets a third panel shows their difference."""
-    from matplotlib.colors import TwoSlopeNorm
-    from matplotlib.figure import Figure
-
-    D = len(stats)
-    L, E = stats[0].counts.shape
-    panels = D + (D == 2)
-    fig = Figure(figsize=(max(4.0, 0.28 * E + 1.8) * panels, 0.45 * L + 1.8), layout="constrained")
-    axes = fig.subplots(1, panels, squeeze=False)[0]
-    vmax = max(float(s.load.max()) for s in stats)
-    for ax, s in zip(axes, stats, strict=False):
-        im = ax.imshow(s.load, aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
-        _axes(ax, s.layers, E, f"{s.name}\n({s.tokens:,} tokens)")
-    cb = fig.colorbar(im, ax=axes[:D].tolist(), shrink=0.9, label="share of routed slots")
-    cb.ax.axhline(1 / E, color="w", lw=1.5)
-    if D == 2:
-        diff = stats[0].load - stats[1].load
-        lim = max(float(np.abs(diff).max()), 1e-9)
-        im = axes[2].imshow(diff, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(0, -lim, lim),
-                            interpolation="nearest")
-        _axes(axes[2], stats[0].layers, E, f"{stats[0].name} − {stats[1].name}")
-        fig.colorbar(im, ax=axes[2], shrink=0.9, label="load difference")
-    fig.suptitle("Routed-expert load per MoE layer")
-    return save_figure(fig, path)
-
-
-def _axes(ax, layers, E, title):
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel("routed expert")
-    ax.set_ylabel("layer")
-    ax.set_yticks(range(len(layers)), [str(i) for i in layers])
-    step = max(1, E // 16)
-    ax.set_xticks(range(0, E, step))
-
-
-def plot_routing_overlap(report: dict, path: str | os.PathLike) -> Path:
-    """Dataset × dataset matrices of the layer-averaged Jaccard, cosine and JS overlap (top), and each pair's
-    per-layer curves (bottom)."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    names, layers = report["names"], report["layers"]
-    D = len(names)
-    fig = Figure(figsize=(13, 3.2 + 0.35 * D + 3.2), layout="constrained")
-    top, bottom = fig.subfigures(2, 1, height_ratios=[1.1, 1])
-    axes = top.subplots(1, 3)
-    titles = {"jaccard": f"Jaccard of {report['coverage']:.0%}-cover sets", "cosine": "cosine of loads",
-              "js": "JS divergence (bits)"}
-    for ax, (m, title) in zip(axes, titles.items(), strict=True):
-        mat = np.array(report["overlap_matrix"][m], dtype=float)
-        im = ax.imshow(mat, cmap="magma_r" if m == "js" else "magma", vmin=0, vmax=1)
-        ax.set_title(title, fontsize=10)
-        ax.set_xticks(range(D), names, rotation=30, ha="right", fontsize=8)
-        ax.set_yticks(range(D), names, fontsize=8)
-        for i in range(D):
-            for j in range(D):
-                ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                        color="w" if (mat[i, j] < 0.5) != (m == "js") else "k")
-        top.colorbar(im, ax=ax, shrink=0.8)
-    axes = bottom.subplots(1, 3, sharex=True)
-    for ax, m in zip(axes, titles, strict=True):
-        for k, (pair, o) in enumerate(report["overlap"].items()):
-            ax.plot(layers, [o["layers"][str(layer)][m] for layer in layers], "o-", color=f"C{k % 10}",
-                    label=pair.replace("|", " vs "))
-        ax.set_xlabel("layer")
-        ax.set_ylabel(m)
-        ax.set_ylim(0, 1.02 if m != "js" else max(0.1, 1.2 * max(
-            (v[m] for o in report["overlap"].values() for v in o["layers"].values()), default=0.1)))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    if report["overlap"]:
-        axes[0].legend(fontsize=8)
-    fig.suptitle("Expert overlap between datasets (per MoE layer below)")
-    return save_figure(fig, path)
-
-
-__all__ = ["DEFAULT_COVERAGE", "RoutingStats", "batched", "collect_routing", "cover_set", "data_kind",
-           "dataset_name", "js_divergence", "layer_metrics", "load_samples", "normalized_entropy", "overlap",
-           "plot_routing_load", "plot_routing_overlap", "progress_bar", "routed_layers", "routing_report",
-           "save_figure", "unique_names", "write_json"]
+__all__ = ["DEFAULT_COVERAGE", "RoutingStats", "collect_routing", "cover_set", "js_divergence", "layer_metrics",
+           "normalized_entropy", "overlap", "routed_layers", "routing_report"]

@@ -25,5 +25,3 @@ from moelab.config.toml import (
 __all__ = ["KNOWN_SECTIONS", "NOT_IN_CONFIG_JSON", "RUNTIME_FIELDS", "ModelConfig", "RopeScaling", "ScoringFunc",
            "TopkMethod", "format_validation_error", "load_model_config", "make_config", "non_finite_settings",
            "read_toml", "runtime_settings", "yarn_mscale"]
-
-_format_validation_error = format_validation_error   # old private name; remove once no module uses it

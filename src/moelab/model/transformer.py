@@ -128,7 +128,7 @@ class DeepSeekForCausalLM(nn.Module):
         Refuses (a :class:`~moelab.errors.ConfigError`) a CPU model whose weights do not fit in the
         memory available, before allocating anything.
         """
-        from moelab.model.accounting import allocation_error, check_weights_fit
+        from moelab.model.memory import allocation_error, check_weights_fit
 
         with torch.device("meta"):
             model = cls(cfg)
