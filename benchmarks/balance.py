@@ -72,13 +72,15 @@ def main() -> None:
     print("| method | val perplexity | MaxVio_global | final MaxVio_batch (last 10 logs) |")
     print("|---|---|---|---|")
     for method, r in results.items():
-        print(f"| {method} | {fmt(r['ppl'], '.3f')} | {fmt(r['maxvio_global'], '.3f')} | {fmt(r['maxvio_batch'], '.3f')} |")
+        print(f"| {method} | {fmt(r['ppl'], '.3f')} | {fmt(r['maxvio_global'], '.3f')} "
+              f"| {fmt(r['maxvio_batch'], '.3f')} |")
     m = {k: (statistics.fmean(v["ppl"]), statistics.fmean(v["maxvio_global"]), statistics.fmean(v["maxvio_batch"]))
          for k, v in results.items()}
     lf, aux = m["loss_free"], m["aux_loss"]
     print("\nRESULT " + " ".join(f"{k}_ppl={v[0]:.4f} {k}_maxvio_global={v[1]:.4f} {k}_maxvio_batch={v[2]:.4f}"
                                  for k, v in m.items())
-          + f" maxvio_global_ratio_aux_over_lossfree={aux[1] / lf[1]:.3f} ppl_ratio_lossfree_over_aux={lf[0] / aux[0]:.4f}")
+          + f" maxvio_global_ratio_aux_over_lossfree={aux[1] / lf[1]:.3f}"
+            f" ppl_ratio_lossfree_over_aux={lf[0] / aux[0]:.4f}")
 
 
 if __name__ == "__main__":

@@ -111,8 +111,8 @@ def main() -> None:
 
             same = torch.equal(ours_run(Clock(), 4), hf_run(Clock(), 4))
             ours_tps, hf_tps = decode_rates([ours_run, hf_run], B, args.new, args.reps, ids.is_cuda)
-            print(f"| {B} | {ctx} | {ours_tps:,.1f} | {hf_tps:,.1f} | {ours_tps / hf_tps:.2f}x | {'yes' if same else 'no'} |",
-                  flush=True)
+            print(f"| {B} | {ctx} | {ours_tps:,.1f} | {hf_tps:,.1f} | {ours_tps / hf_tps:.2f}x "
+                  f"| {'yes' if same else 'no'} |", flush=True)
             summary[f"b{B}_ctx{ctx}_ratio"] = ours_tps / hf_tps
             summary[f"b{B}_ctx{ctx}_tok_s"] = ours_tps
     print("\nRESULT " + " ".join(f"{k}={v:.2f}" for k, v in summary.items()))

@@ -187,7 +187,8 @@ def main() -> None:
         before = results[0]["general_ppl_before"]
         wall, _ = agg(m, "wall_s")
         r0 = next(r for r in results if r["method"] == m)
-        lines.append(f"| {m} | {chosen[m]:g} | {em:.3f} ± {em_sd:.3f} | {ppl:.2f} ± {ppl_sd:.2f} ({100 * (ppl / before - 1):+.1f}%) | "
+        lines.append(f"| {m} | {chosen[m]:g} | {em:.3f} ± {em_sd:.3f} | "
+                     f"{ppl:.2f} ± {ppl_sd:.2f} ({100 * (ppl / before - 1):+.1f}%) | "
                      f"{r0['trainable']:,} ({100 * r0['trainable'] / r0['total']:.1f}%) | {wall:.0f} | "
                      f"{r0['disk_bytes'] / 1e6:.2f} MB |")
         result_kv += [f"{m}_em={em:.3f}", f"{m}_ppl={ppl:.2f}"]

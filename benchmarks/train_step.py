@@ -8,10 +8,10 @@ compute the same function. A step is batch × seq_len tokens through forward, cr
 and ``torch.optim.AdamW(fused=True).step`` (what moelab's trainer and transformers' Trainer default
 to); fp32, or bf16 autocast with fp32 weights. Median of ``--reps`` steps after ``--warmup`` untimed
 ones, the models' steps interleaved. Each model runs in its own process, so ``--host-memory`` can
-give each the allocator setting its library ships with (the default) or all the same one. A third model, the *dense limit* (:func:`dense_limit`: every MoE
-layer a dense SwiGLU of the active width), bounds what any MoE implementation can reach: the ratio
-bound column is transformers' step time over its. Ends with one ``RESULT`` line (tokens/s, the
-moelab/transformers ratio and the bound).
+give each the allocator setting its library ships with (the default) or all the same one. A third
+model, the *dense limit* (:func:`dense_limit`: every MoE layer a dense SwiGLU of the active width),
+bounds what any MoE implementation can reach: the ratio bound column is transformers' step time over
+its. Ends with one ``RESULT`` line (tokens/s, the moelab/transformers ratio and the bound).
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ CONFIGS = {
     # ~100M total parameters: 8 layers, hidden 512, 32 experts of width 256 (top-4) + 1 shared; attention
     # back to the library default "auto" (tiny.toml picks "absorb", which only pays at its d_c = qk_nope;
     # here d_c = 2·qk_nope and absorbed training attention costs ~1.8x the FLOPs: measured 7% slower step)
-    "100m": ("configs/tiny.toml", dict(attn_impl="auto", vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                                       num_attention_heads=8, n_routed_experts=32, num_experts_per_tok=4,
-                                       moe_intermediate_size=256, n_group=4, topk_group=2, q_lora_rank=256,
-                                       kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64)),
+    "100m": ("configs/tiny.toml", dict(attn_impl="auto", vocab_size=8192, hidden_size=512, intermediate_size=1536,
+                                       num_hidden_layers=8, num_attention_heads=8, n_routed_experts=32,
+                                       num_experts_per_tok=4, moe_intermediate_size=256, n_group=4, topk_group=2,
+                                       q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
+                                       v_head_dim=64)),
 }
 
 
@@ -148,7 +149,8 @@ def main() -> None:
     ctx = mp.get_context("spawn")
 
     summary = {}
-    print(f"host memory: {args.host_memory} ({', '.join(f'{k} ' + ('keeps' if v else 'releases') for k, v in KEEP[args.host_memory].items())})\n")
+    print(f"host memory: {args.host_memory} "
+          f"({', '.join(f'{k} ' + ('keeps' if v else 'releases') for k, v in KEEP[args.host_memory].items())})\n")
     print("| config | params | dtype | moelab tokens/s | transformers tokens/s | ratio | dense-limit tokens/s "
           "| ratio bound (dense limit vs transformers) |")
     print("|---|---|---|---|---|---|---|---|")

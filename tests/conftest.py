@@ -17,3 +17,44 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: a second intra-op thread only adds spin-waiting. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def tiny_config():
+    """A factory: ``tiny_config(hidden_size=64)`` is the shared tiny MoE (tests/support/tiny.py) changed."""
+    from tiny import tiny_config as factory
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A directory with moelab's byte-level tokenizer (tokenizer.json + tokenizer_config.json)."""
+    from moelab.data.tokenizer import byte_level_tokenizer, save_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    save_tokenizer(byte_level_tokenizer(), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tokenizer_dir):
+    """The shared tiny MoE (seed 0) saved as a Hugging Face checkpoint with the byte-level tokenizer."""
+    from tiny import tiny_config as factory
+
+    import moelab
+    from moelab.model.transformer import DeepSeekForCausalLM
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    moelab.save(DeepSeekForCausalLM.from_config(factory(), seed=0), out, tokenizer=tokenizer_dir)
+    return out

@@ -202,3 +202,10 @@ def test_help(command):
     assert "Usage" in out
     for cmd in ("info", "init", "generate") if not command else ():
         assert cmd in out
+
+
+def test_info_of_a_checkpoint_counts_what_loads(tiny_checkpoint):
+    """`moelab info CKPT --json` (counted on the meta device) equals the parameters of the loaded model."""
+    out = json.loads(invoke("info", tiny_checkpoint, "--json").stdout)
+    model = moelab.load(tiny_checkpoint)
+    assert out["total_params"] == sum(p.numel() for p in model.parameters())

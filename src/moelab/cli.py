@@ -80,7 +80,8 @@ def info(
     path: Annotated[Path, typer.Argument(help="A TOML config (with a [model] section) or a checkpoint directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as one JSON object.")] = False,
     seq_len: Annotated[int | None, typer.Option(min=1, help="Context length l_seq for the FLOPs formula "
-                                                      "(default: the pre-YaRN context, else max_position_embeddings).")] = None,
+                                                      "(default: the pre-YaRN context, "
+                                                      "else max_position_embeddings).")] = None,
 ):
     """Count total and activated parameters, KV-cache bytes per token and FLOPs per token.
 
@@ -99,14 +100,16 @@ def info(
     t.add_column(justify="right")
     t.add_column(style="dim")
     ratio = b.mha_cache_elems_per_token / b.cache_elems_per_token
-    kind = "MLA latent + RoPE key" if cfg.use_mla else f"{'MHA' if cfg.kv_heads == cfg.num_attention_heads else 'GQA'} K/V"
+    kind = ("MLA latent + RoPE key" if cfg.use_mla
+            else f"{'MHA' if cfg.kv_heads == cfg.num_attention_heads else 'GQA'} K/V")
     rows = [
         ("total parameters", _human(b.total_params), f"{b.total_params:,}"),
         ("activated parameters", _human(b.activated_params), f"{b.activated_params:,}"),
         ("layers", f"{b.moe_layers} MoE + {b.dense_layers} dense",
          f"{cfg.n_routed_experts or 0} routed (top-{cfg.num_experts_per_tok or 0}) + {cfg.n_shared_experts or 0} shared"
          if cfg.is_moe else "dense model"),
-        ("KV cache / token", f"{b.cache_bytes_per_token:,} B", f"{b.cache_elems_per_token:,} values: {kind}, {b.cache_dtype}"),
+        ("KV cache / token", f"{b.cache_bytes_per_token:,} B",
+         f"{b.cache_elems_per_token:,} values: {kind}, {b.cache_dtype}"),
         ("MHA-equivalent cache", f"{b.mha_cache_bytes_per_token:,} B", f"{ratio:.1f}x larger"),
         ("FLOPs/token 72Ld²+12Ld·l", _human(b.flops_per_token), f"non-embedding, l_seq={b.seq_len}"),
         ("FLOPs/token 6N_act+12Ld·l", _human(b.flops_per_token_active), "MoE-aware, activated params"),
@@ -176,11 +179,13 @@ class _Streamer:
 @app.command()
 @friendly
 def generate(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (config.json + safetensors [+ tokenizer.json]).")],
+    checkpoint: Annotated[Path, typer.Argument(
+        help="Checkpoint directory (config.json + safetensors [+ tokenizer.json]).")],
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Text to continue.")] = None,
     prompt_ids: Annotated[str | None, typer.Option(help="Comma-separated token ids instead of --prompt.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=0, help="Tokens to generate.")] = 64,
-    greedy: Annotated[bool, typer.Option("--greedy", help="Always take the most likely token (deterministic).")] = False,
+    greedy: Annotated[bool, typer.Option(
+        "--greedy", help="Always take the most likely token (deterministic).")] = False,
     temperature: Annotated[float, typer.Option(min=0.0, help="Softmax temperature; 0 = greedy.")] = 1.0,
     top_k: Annotated[int, typer.Option(min=0, help="Sample among the k most likely tokens; 0 = off.")] = 0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass in (0, 1]; 1 = off.")] = 1.0,
@@ -248,7 +253,8 @@ def generate(
 @friendly
 def train(
     config: Annotated[Path, typer.Argument(help="TOML file with [model], [data], [train] and [balance] sections.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: runs/<config name>).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Run directory (default: runs/<config name>).")] = None,
     overrides: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a setting: --set train.steps=200 --set balance.method=aux_loss (repeatable).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,

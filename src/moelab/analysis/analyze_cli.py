@@ -1,7 +1,9 @@
 """``moelab analyze ...``: look inside a model (docs/methods.md §5, §7).
 
-    moelab analyze routing runs/demo/model runs/data/shakespeare runs/tasks/arith-train.jsonl --out runs/analysis/routing
-    moelab analyze activation smollm2 shakespeare runs/tasks/arith-train.jsonl --sparsity 0.5 --out runs/analysis/smollm2
+    moelab analyze routing runs/demo/model runs/data/shakespeare runs/tasks/arith-train.jsonl \\
+        --out runs/analysis/routing
+    moelab analyze activation smollm2 shakespeare runs/tasks/arith-train.jsonl --sparsity 0.5 \\
+        --out runs/analysis/smollm2
 
 DATA is a token directory (``moelab data prepare``; its ``--split``, default val), an SFT JSON Lines file
 (prompt/completion or messages) or a text source (``shakespeare``, a directory, a glob, a text file). MODEL

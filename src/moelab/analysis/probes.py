@@ -170,8 +170,8 @@ def run_probes(model: nn.Module, tokenizer, settings: ProbeSettings | None = Non
     metrics}), ``baselines`` (R² from the digit count alone; the shuffled control's expected
     R²), ``skipped`` ({"o": why} when too few answers parse: then the steering direction comes
     from the ``sum`` probe), ``steering`` (or None; ``state_norm`` is the mean ‖h‖ at the last prompt
-    token of each steered state, the scale α acts against), ``timings_s``, and ``problems`` (rows with the generated answer;
-    :func:`write_results` writes these to problems.jsonl, not to results.json).
+    token of each steered state, the scale α acts against), ``timings_s``, and ``problems`` (rows with
+    the generated answer; :func:`write_results` writes these to problems.jsonl, not to results.json).
     """
     settings = settings or ProbeSettings()
     settings.validate()

@@ -110,7 +110,8 @@ def tasks(
     check_jsonl_out(out)   # before the (slow) generation
     seen = set()
     if exclude is not None:
-        seen = {m[0]["content"] for _, msgs in read_jsonl(exclude, skip_hint=None) for m in [msgs] if m[0]["role"] == "user"}
+        seen = {m[0]["content"] for _, msgs in read_jsonl(exclude, skip_hint=None) for m in [msgs]
+                if m[0]["role"] == "user"}
     rows = generate(task, size, seed, exclude=seen)
     write_jsonl(rows, out)
     err.print(f"wrote {len(rows):,} examples to {escape(str(out))}, e.g. "

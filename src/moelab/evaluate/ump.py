@@ -94,7 +94,8 @@ def run_ump(model, tokenizer, items: Sequence[UMPItem], modes: Sequence[str] = M
         raise DataError("no UMP items to evaluate")
     modes = list(dict.fromkeys(modes))
     templates = {m: load_template(m, ccc_template) for m in modes}
-    out: dict = {"n": len(items), "judge": JUDGE_ID if judge is flags_unreasonable else getattr(judge, "__name__", "custom"),
+    out: dict = {"n": len(items),
+                 "judge": JUDGE_ID if judge is flags_unreasonable else getattr(judge, "__name__", "custom"),
                  "max_new_tokens": max_new_tokens, "modes": {}, "responses": []}
     with Bars(progress) as bar:
         task = bar.add_task("UMP", total=2 * len(items) * len(modes))

@@ -46,7 +46,8 @@ _FLAG = re.compile(r"\b(?:" + "|".join([
     r"undefined", r"never (?:defined?|defines|says|states|tells|gives|specifie[sd])", r"not defined",
     r"not (?:given|told|specified|stated)", r"(?:is|it is|remains) unclear", r"unknown value",
     r"typo", r"(?:a )?mistake in the (?:problem|question)", r"error in the (?:problem|question)",
-    r"contains? (?:an )?errors?", r"has an error", r"(?:problem|question|premise) (?:is|seems|appears) (?:to be )?(?:wrong|incorrect|false)",
+    r"contains? (?:an )?errors?", r"has an error",
+    r"(?:problem|question|premise) (?:is|seems|appears) (?:to be )?(?:wrong|incorrect|false)",
     r"something (?:seems|is) (?:off|wrong)", r"seems off", r"does not add up",
     r"not a whole number of (?:people|persons|children|students|animals)",
 ]) + r")")

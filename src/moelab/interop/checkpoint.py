@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from moelab.common.atomic import CHECKPOINT, write_dir
+from moelab.common.progress import Bars
 from moelab.config import ModelConfig
 from moelab.errors import CheckpointError
 from moelab.interop.hf_config import config_to_hf, hf_compatibility_warnings, read_config_json
@@ -156,13 +157,9 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, dev
         model = DeepSeekForCausalLM(cfg)
     model.to(dtype).to_empty(device=device)  # allocate once, at the target dtype (the bias stays fp32)
     if progress:
-        from rich.console import Console
-        from rich.progress import Progress
-
-        total = sum(tensor_count(f) for f in files)
-        with Progress(console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task(f"loading {directory.name}", total=total)
-            load_state_into(model, files, on_tensor=lambda: bar.advance(task))
+        with Bars() as bars:
+            task = bars.add_task(f"loading {directory.name}", total=sum(tensor_count(f) for f in files))
+            load_state_into(model, files, on_tensor=lambda: bars.advance(task))
     else:
         load_state_into(model, files)
     model.reset_buffers()

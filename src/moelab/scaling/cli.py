@@ -89,8 +89,9 @@ def flops(
 ):
     """Non-embedding FLOPs/token M of a config or shape, 6N1/M, 6N2/M, and C = M·D.
 
-    M = 72·L·d² + 12·L·d·l_seq (DeepSeek LLM; attention coefficient 12). For an MoE config also M_active = 6·N_active,non-embedding + 12·L·d·l_seq, which counts routed
-    experts at their top-K share (the paper's formula only sees L and d). Examples:
+    M = 72·L·d² + 12·L·d·l_seq (DeepSeek LLM; attention coefficient 12). For an MoE config also
+    M_active = 6·N_active,non-embedding + 12·L·d·l_seq, which counts routed experts at their top-K share
+    (the paper's formula only sees L and d). Examples:
 
         moelab scaling flops 8x512                 # Table 3: M 352M, 6N1/M 0.43, 6N2/M 1.32
         moelab scaling flops configs/tiny.toml --seq-len 256 --budget 1e15
@@ -138,7 +139,8 @@ def flops(
         rows += [
             ("parameters", _si(moe.total_params), f"{_si(moe.activated_params)} activated per token"),
             ("M_active  6N_act + 12Ld·l", _si(moe.M_active),
-             f"activated non-embedding {_si(moe.active_non_embedding_params)}" + (" (MoE-aware)" if moe.is_moe else "")),
+             f"activated non-embedding {_si(moe.active_non_embedding_params)}"
+             + (" (MoE-aware)" if moe.is_moe else "")),
         ]
     if tokens is not None:
         rows.append(("C = M·D", _si(s.M * tokens, " FLOPs"), f"D = {_si(tokens)} tokens"))

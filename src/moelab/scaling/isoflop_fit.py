@@ -100,7 +100,8 @@ def fit_isoflop(rows: list[dict]) -> dict:
                  "paper": {"M_opt": M_OPT.as_dict(), "D_opt": D_OPT.as_dict()}}
     if len(used) >= 2:
         law, r2 = fit_power_law([b["budget"] for b in used], [b["M_opt"] for b in used])
-        fit.update(M_opt={**law.as_dict(), "r2": r2}, D_opt={"coef": 1 / law.coef, "exponent": 1 - law.exponent, "r2": r2},
+        fit.update(M_opt={**law.as_dict(), "r2": r2},
+                   D_opt={"coef": 1 / law.coef, "exponent": 1 - law.exponent, "r2": r2},
                    a=law.exponent, b=1 - law.exponent)
     else:
         fit.update(M_opt=None, D_opt=None, a=None, b=None)

@@ -140,9 +140,9 @@ def sweep_model_config(n_layer: int, d: int, vocab_size: int, seq_len: int, moe:
              use_mla=False, max_position_embeddings=seq_len, initializer_range=0.02, tie_word_embeddings=False,
              intermediate_size=ffn_width(d, False))
     if moe:
-        m.update(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=ffn_width(d, True),
-                 first_k_dense_replace=0, scoring_func="sigmoid", topk_method="noaux_tc", n_group=1, topk_group=1,
-                 norm_topk_prob=True)
+        m.update(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                 moe_intermediate_size=ffn_width(d, True), first_k_dense_replace=0, scoring_func="sigmoid",
+                 topk_method="noaux_tc", n_group=1, topk_group=1, norm_topk_prob=True)
     else:
         m.update(n_routed_experts=None, n_shared_experts=None, num_experts_per_tok=None)
     return make_config(m, where="the sweep model")

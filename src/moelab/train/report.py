@@ -309,10 +309,12 @@ def _summary(run_dir: Path, m: Metrics, load: tuple[np.ndarray, list[int]] | Non
         recent = tr["step"] > last - SMOOTH_STEPS
         mv = tr["maxvio_batch"][recent]
         mv = mv[np.isfinite(mv)]
-        rows.append((f"MaxVio_batch (mean of the last {SMOOTH_STEPS} steps)", _fmt(mv.mean() if mv.size else math.nan, ".4f")))
+        rows.append((f"MaxVio_batch (mean of the last {SMOOTH_STEPS} steps)",
+                     _fmt(mv.mean() if mv.size else math.nan, ".4f")))
         loss = tr["loss"][recent]
         loss = loss[np.isfinite(loss)]
-        rows.append((f"train loss (mean of the last {SMOOTH_STEPS} steps)", _fmt(loss.mean() if loss.size else math.nan, ".4f")))
+        rows.append((f"train loss (mean of the last {SMOOTH_STEPS} steps)",
+                     _fmt(loss.mean() if loss.size else math.nan, ".4f")))
         tok = tr["tokens"][np.isfinite(tr["tokens"])]
         seen = tok[-1] if tok.size else math.nan
         rows.append(("optimizer steps", f"{int(last):,}"))

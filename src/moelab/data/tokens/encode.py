@@ -42,9 +42,10 @@ def chunks(text: str, limit: int) -> Iterator[str]:
     Each piece ends just before the last ASCII whitespace character that is followed by a character that
     is neither a space nor a number, in the second half of the budget. The byte-level pre-tokenizer of
     moelab tokenizers splits words there anyway (a word takes the one space before it; a run of whitespace
-    leaves its last character to the word), so the tokens are those of the whole text. A piece with no such place (one huge "word") is cut
-    at the byte limit, which may change the one or two tokens at the cut; so may a given tokenizer with
-    another pre-tokenizer (one that adds a prefix space to every input, say).
+    leaves its last character to the word), so the tokens are those of the whole text. A piece with no
+    such place (one huge "word") is cut at the byte limit, which may change the one or two tokens at the
+    cut; so may a given tokenizer with another pre-tokenizer (one that adds a prefix space to every
+    input, say).
     """
     if len(text) <= limit // 4 or len(text.encode()) <= limit:
         yield text

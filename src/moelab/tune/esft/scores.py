@@ -29,6 +29,7 @@ from collections.abc import Iterable
 
 import torch
 
+from moelab.common.progress import progress_bar
 from moelab.errors import ConfigError, DataError, did_you_mean
 from moelab.model.moe import DeepSeekMoE
 from moelab.model.transformer import DeepSeekForCausalLM
@@ -80,7 +81,7 @@ def score_experts(model: DeepSeekForCausalLM, batches: Iterable[torch.Tensor], p
         moe.routing_observers.append(observe)
     try:
         model.eval()
-        with torch.no_grad(), _bar(batches, progress, "scoring experts") as items:
+        with torch.no_grad(), progress_bar(batches, progress, "scoring experts") as items:
             for ids in items:
                 ids = _check_ids(ids, V)
                 model.model(ids.to(device))          # the backbone is enough: no logits needed
@@ -127,26 +128,3 @@ def _check_ids(ids, vocab: int) -> torch.Tensor:
         raise DataError(f"token id {hi if hi >= vocab else lo} is outside the model's vocabulary (0..{vocab - 1}); "
                         "was the data tokenized with this model's tokenizer?")
     return ids.long()
-
-
-class _bar:
-    """Context manager yielding ``items``, wrapped in a rich progress bar on stderr when ``enabled``."""
-
-    def __init__(self, items, enabled: bool, what: str):
-        self.items, self.enabled, self.what, self.progress = items, enabled, what, None
-
-    def __enter__(self):
-        if not self.enabled:
-            return iter(self.items)
-        from rich.console import Console
-        from rich.progress import Progress
-
-        total = len(self.items) if hasattr(self.items, "__len__") else None
-        self.progress = Progress(console=Console(stderr=True), transient=True)
-        self.progress.__enter__()
-        return self.progress.track(self.items, total=total, description=self.what)
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
-        return False

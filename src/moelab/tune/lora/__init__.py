@@ -43,6 +43,6 @@ from moelab.tune.lora.peft import (
 )
 from moelab.tune.lora.settings import DEFAULT_TARGETS, LoraInfo, LoraSettings, make_lora_settings
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "DEFAULT_TARGETS", "LoraExperts", "LoraInfo", "LoraLinear", "LoraSettings", "adapter_config",
-           "adapter_state_dict", "apply_lora", "has_lora", "load_adapter", "lora_modules", "lora_parameters",
-           "make_lora_settings", "merge_and_reinit", "merge_lora", "save_adapter"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "DEFAULT_TARGETS", "LoraExperts", "LoraInfo", "LoraLinear",
+           "LoraSettings", "adapter_config", "adapter_state_dict", "apply_lora", "has_lora", "load_adapter",
+           "lora_modules", "lora_parameters", "make_lora_settings", "merge_and_reinit", "merge_lora", "save_adapter"]

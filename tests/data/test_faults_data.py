@@ -29,7 +29,7 @@ from moelab.data.tokenizer import byte_level_tokenizer
 from moelab.errors import ConfigError, DataError
 from moelab.model.transformer import DeepSeekForCausalLM
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.toml"
 
 

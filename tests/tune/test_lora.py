@@ -36,7 +36,7 @@ from moelab.tune.lora import (
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-from test_hf_parity import hf_model, v2_config, v3_config  # noqa: E402
+from hf_oracle import hf_model, v2_config, v3_config  # noqa: E402  (tests/support)
 
 ATOL = 1e-5
 ATTN = r".*\.self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
@@ -134,7 +134,8 @@ def test_single_expert_parameter_and_list_targets_open_in_peft(tmp_path):
     settings = LoraSettings(r=3, alpha=6, target_modules=["down_proj", "kv_b_proj"])
     info = apply_lora(ours, settings)
     assert "model.layers.1.mlp.experts.down_proj" in info.adapted
-    assert "model.layers.0.mlp.down_proj" in info.adapted and "model.layers.1.mlp.shared_experts.down_proj" in info.adapted
+    assert ("model.layers.0.mlp.down_proj" in info.adapted
+            and "model.layers.1.mlp.shared_experts.down_proj" in info.adapted)
     assert not any(n.endswith("gate_up_proj") for n in info.adapted)
     randomize(ours)
     keys = adapter_state_dict(ours)
@@ -160,7 +161,8 @@ def test_peft_written_adapter_loads_into_moelab(tmp_path):
     pm.save_pretrained(tmp_path / "adapter")
     ours = moelab.load(tmp_path / "base")
     info = load_adapter(ours, tmp_path / "adapter")
-    assert "model.layers.2.mlp.experts.gate_up_proj" in info.adapted and "model.layers.0.self_attn.o_proj" in info.adapted
+    assert ("model.layers.2.mlp.experts.gate_up_proj" in info.adapted
+            and "model.layers.0.self_attn.o_proj" in info.adapted)
     with torch.no_grad():
         ref = pm(ids).logits
         assert (ref - base).abs().max() > 0.1

@@ -38,7 +38,7 @@ from moelab.evaluate.perplexity import perplexity, plan_windows, text_stream
 from moelab.interop.hf_lm import load_causal_lm
 from moelab.model.transformer import DeepSeekForCausalLM
 
-EXCERPT = Path(__file__).parent / "data" / "shakespeare_excerpt.txt"
+EXCERPT = Path(__file__).resolve().parents[1] / "assets" / "shakespeare_excerpt.txt"
 MOE = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
            qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, kv_lora_rank=16, q_lora_rank=None,
            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16,
@@ -49,13 +49,7 @@ TEXTS = ["Thou art more lovely — café, naïve, 🙂 ok.", "To be, or not to b
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine: a second intra-op thread only adds spin-waiting.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +268,8 @@ def test_batched_left_padded_generation_equals_one_by_one(lm):
 def test_chat_template_is_used_when_the_tokenizer_has_one(dirs):
     model, tok = load_causal_lm(dirs["llama"])
     assert chat_prompt_ids(model, tok, "hello") == encode(tok, "hello")
-    tok.chat_template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
+    tok.chat_template = ("{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+                         "{% if add_generation_prompt %}A:{% endif %}")
     assert chat_prompt_ids(model, tok, "hello") == encode(tok, "<<hello>>A:")
 
 

@@ -41,7 +41,7 @@ from moelab.data.tokenizer import byte_level_tokenizer, save_tokenizer
 from moelab.errors import ConfigError
 from moelab.model.transformer import DeepSeekForCausalLM
 
-EXCERPT = Path(__file__).parent / "data" / "shakespeare_excerpt.txt"
+EXCERPT = Path(__file__).resolve().parents[1] / "assets" / "shakespeare_excerpt.txt"
 V = 97
 MOE = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
            qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, kv_lora_rank=16, q_lora_rank=None,
@@ -49,13 +49,7 @@ MOE = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layer
            first_k_dense_replace=1, initializer_range=0.1, max_position_embeddings=64, expert_impl="loop")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not stall when the cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 def tiny_llama(dtype=torch.float64) -> LlamaForCausalLM:
@@ -122,7 +116,8 @@ def test_scope_covers_attention_mlp_and_stacked_experts_but_not_router_or_embedd
             "model.layers.0.mlp.gate_proj.weight"} <= set(names)
     assert not any(".mlp.gate.weight" in n or "embed" in n or "lm_head" in n or "norm" in n for n in names)
     llama = {s.name.split("layers.0.")[-1] for s in activation_scope(tiny_llama()) if s.layer == 0}
-    assert llama == {f"self_attn.{p}_proj.weight" for p in "qkvo"} | {f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
+    assert llama == ({f"self_attn.{p}_proj.weight" for p in "qkvo"}
+                     | {f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")})
     small = {s.name.rsplit(".", 2)[-2] for s in activation_scope(tiny_llama(), max_dim=100)}
     assert small == {"q_proj", "k_proj", "v_proj", "o_proj"}                 # the [128, 64] MLP matrices drop out
     with pytest.raises(ConfigError, match="no weight matrices"):
@@ -292,7 +287,8 @@ def test_perplexity_is_exp_of_the_mean_cross_entropy():
     model = tiny_llama(torch.float32)
     samples = [torch.randint(0, V, (9,)) for _ in range(3)]
     with torch.no_grad():
-        nll = [torch.nn.functional.cross_entropy(model(s[None]).logits[0, :-1], s[1:], reduction="sum") for s in samples]
+        nll = [torch.nn.functional.cross_entropy(model(s[None]).logits[0, :-1], s[1:], reduction="sum")
+               for s in samples]
     assert perplexity(model, samples, batch_size=2) == pytest.approx(math.exp(sum(map(float, nll)) / 24), rel=1e-5)
 
 

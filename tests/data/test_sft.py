@@ -19,7 +19,7 @@ from moelab.data.tokenizer import ASSISTANT, BOS, EOS, USER, train_tokenizer
 from moelab.errors import DataError
 from moelab.train.loop import lm_loss
 
-EXCERPT = Path(__file__).parent / "data" / "shakespeare_excerpt.txt"
+EXCERPT = Path(__file__).resolve().parents[1] / "assets" / "shakespeare_excerpt.txt"
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from moelab.lm.nll import IGNORE, lm_loss, token_nll
 from moelab.lm.padding import left_pad
 from moelab.model.transformer import DeepSeekForCausalLM
 
-EXCERPT = Path(__file__).parent / "data" / "shakespeare_excerpt.txt"
+EXCERPT = Path(__file__).resolve().parents[1] / "assets" / "shakespeare_excerpt.txt"
 MOE = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
            qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, kv_lora_rank=16, q_lora_rank=None,
            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16,
@@ -34,13 +34,7 @@ MOE = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_laye
 SEQ_LEN = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine: a second intra-op thread only adds spin-waiting.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 @pytest.fixture(scope="module")

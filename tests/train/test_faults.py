@@ -29,7 +29,7 @@ import moelab
 from moelab.cli import app
 from moelab.data.tokens import prepare
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.toml"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "400"}
 
@@ -331,7 +331,8 @@ def test_init_from_another_architecture_is_refused(ckpt, corpus):
 
 def test_init_from_the_same_architecture_records_it(ckpt, corpus):
     cli("train", TINY, "--out", "runs/i", *settings(corpus, f'train.init_from="{ckpt}"', "train.steps=2",
-                                                     'model.attn_impl="naive"', layers=None))  # a moelab setting may differ
+                                                     'model.attn_impl="naive"',  # a moelab setting may differ
+                                                     layers=None))
     rec = json.loads(Path("runs/i/config.json").read_text())
     assert rec["model"]["num_hidden_layers"] == 4 and rec["train"]["init_from"] == str(ckpt)
 

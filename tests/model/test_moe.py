@@ -21,7 +21,8 @@ BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_laye
             first_k_dense_replace=0)
 
 ROUTERS = {
-    "softmax_greedy": dict(scoring_func="softmax", topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0),
+    "softmax_greedy": dict(scoring_func="softmax", topk_method="greedy", norm_topk_prob=False,
+                           routed_scaling_factor=1.0),
     "softmax_group_limited": dict(scoring_func="softmax", topk_method="group_limited_greedy", n_group=4, topk_group=2,
                                   norm_topk_prob=False, routed_scaling_factor=16.0),
     "sigmoid_noaux_tc": dict(scoring_func="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2,
@@ -197,7 +198,8 @@ def test_moe_layer_is_shared_plus_gated_routed():
     x = torch.randn(2, 7, 32)
     y = moe(x)
     r = seen[0]
-    ref = per_token_experts(x.reshape(14, 32), r.indices, r.weights, moe.experts) + moe.shared_experts(x.reshape(14, 32))
+    ref = (per_token_experts(x.reshape(14, 32), r.indices, r.weights, moe.experts)
+           + moe.shared_experts(x.reshape(14, 32)))
     torch.testing.assert_close(y.reshape(14, 32), ref, atol=1e-5, rtol=1e-5)
 
 

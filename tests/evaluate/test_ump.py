@@ -36,7 +36,7 @@ from moelab.evaluate.ump import (
 from moelab.evaluate.ump_judge import flagged_sentences, flags_unreasonable
 from moelab.model.transformer import DeepSeekForCausalLM
 
-LABELS = Path(__file__).parent / "fixtures" / "ump_judge_labels.jsonl"
+LABELS = Path(__file__).resolve().parents[1] / "assets" / "ump_judge_labels.jsonl"
 runner = CliRunner()
 
 

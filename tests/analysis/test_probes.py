@@ -77,13 +77,7 @@ def tiny_moelab(vocab: int) -> DeepSeekForCausalLM:
     return DeepSeekForCausalLM.from_config(cfg, seed=0).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and extra threads crawl on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 @pytest.fixture(scope="module")

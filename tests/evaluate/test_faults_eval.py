@@ -28,9 +28,9 @@ from moelab.config import load_model_config
 from moelab.data.tokenizer import byte_level_tokenizer, save_tokenizer
 from moelab.model.transformer import DeepSeekForCausalLM
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.toml"
-EXCERPT = ROOT / "tests" / "data" / "shakespeare_excerpt.txt"
+EXCERPT = ROOT / "tests" / "assets" / "shakespeare_excerpt.txt"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _NO_CUDA = re.escape("--device cuda:7: CUDA is not available on this machine (")
 

@@ -19,7 +19,7 @@ from moelab.evaluate.exact_match import score_exact_match
 from moelab.infer.generate import generate as lm_generate
 from moelab.model.transformer import DeepSeekForCausalLM
 
-EXCERPT = Path(__file__).parent / "data" / "shakespeare_excerpt.txt"
+EXCERPT = Path(__file__).resolve().parents[1] / "assets" / "shakespeare_excerpt.txt"
 
 
 def test_arithmetic_answers_are_correct_and_seeds_are_disjoint():

@@ -13,7 +13,7 @@ import pytest
 from moelab.config import ModelConfig, load_model_config
 from moelab.model.accounting import ModelBudget, model_budget
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _load(name: str) -> ModelConfig:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from tiny import TINY_MOE
 from typer.testing import CliRunner
 
 import moelab
@@ -26,12 +27,8 @@ from moelab.model.transformer import DeepSeekForCausalLM
 from moelab.tune.config import load_finetune_config
 from moelab.tune.run import finetune, merge_result
 
-EXCERPT = Path(__file__).parent / "data" / "shakespeare_excerpt.txt"
-MODEL = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-             qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, kv_lora_rank=16, q_lora_rank=None,
-             n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16,
-             first_k_dense_replace=1, scoring_func="sigmoid", topk_method="noaux_tc", n_group=1, topk_group=1,
-             initializer_range=0.05, max_position_embeddings=256)
+EXCERPT = Path(__file__).resolve().parents[1] / "assets" / "shakespeare_excerpt.txt"
+MODEL = TINY_MOE | {"first_k_dense_replace": 1}     # tests/support/tiny.py
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +109,8 @@ def test_lora_methods_train_only_lora_and_merge(setup, tmp_path, method):
     else:
         model = moelab.load(tmp_path / "run" / "model")
     base = moelab.load(setup["base"])
-    assert not torch.equal(model.model.layers[1].mlp.experts.gate_up_proj, base.model.layers[1].mlp.experts.gate_up_proj)
+    assert not torch.equal(model.model.layers[1].mlp.experts.gate_up_proj,
+                           base.model.layers[1].mlp.experts.gate_up_proj)
     assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)   # not a target
     assert torch.equal(model.model.layers[1].mlp.gate.weight, base.model.layers[1].mlp.gate.weight)
 

