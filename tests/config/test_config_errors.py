@@ -2,71 +2,39 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import tomllib
+from errcheck import clean_message, write_toml  # tests/support
 
 from moelab.config import load_model_config, make_config
-from moelab.errors import ConfigError, MoelabError
+from moelab.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.toml"
 BASE = tomllib.loads(TINY.read_text())["model"]
 
 
-def _clean(exc: BaseException) -> str:
-    """The message of a moelab error, checking it carries no chained ("during handling...") trace."""
-    assert isinstance(exc, MoelabError)
-    assert exc.__cause__ is None
-    assert exc.__context__ is None or exc.__suppress_context__, "error leaks a chained traceback"
-    msg = str(exc)
-    assert msg.strip()
-    return msg
-
-
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)
-    return repr(v)
-
-
-def _write_toml(path: Path, model: dict, extra_sections: dict | None = None) -> Path:
-    """Write ``{"model": model, **extra_sections}`` as TOML (scalars + one level of sub-tables)."""
-    lines = []
-    for section, values in {"model": model, **(extra_sections or {})}.items():
-        lines.append(f"[{section}]")
-        subs = {k: v for k, v in values.items() if isinstance(v, dict)}
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
-        for name, sub in subs.items():
-            lines.append(f"[{section}.{name}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in sub.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 # ----------------------------------------------------------------------------------------------
 # config: unknown keys, sections, files
 # ----------------------------------------------------------------------------------------------
 def test_toml_writer_round_trips(tmp_path):
-    assert load_model_config(_write_toml(tmp_path / "ok.toml", BASE)) == load_model_config(TINY)
+    assert load_model_config(write_toml(tmp_path / "ok.toml", BASE)) == load_model_config(TINY)
 
 
 def test_unknown_key_names_key_and_suggestion():
     with pytest.raises(ConfigError) as ei:
         make_config({**BASE, "hiden_size": 128})
-    msg = _clean(ei.value)
+    msg = clean_message(ei.value)
     assert "'hiden_size'" in msg and "'hidden_size'" in msg
 
 
 def test_unknown_key_in_toml_names_key_suggestion_and_file(tmp_path):
-    path = _write_toml(tmp_path / "typo.toml", {**BASE, "num_experts_per_tokens": 4})
+    path = write_toml(tmp_path / "typo.toml", {**BASE, "num_experts_per_tokens": 4})
     with pytest.raises(ConfigError) as ei:
         load_model_config(path)
-    msg = _clean(ei.value)
+    msg = clean_message(ei.value)
     assert "num_experts_per_tokens" in msg and "'num_experts_per_tok'" in msg
     assert "typo.toml" in msg
 
@@ -74,25 +42,25 @@ def test_unknown_key_in_toml_names_key_suggestion_and_file(tmp_path):
 def test_unknown_nested_key_suggests_from_nested_fields(tmp_path):
     rope = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "betafast": 32.0}
     for err in (lambda: make_config({**BASE, "rope_scaling": rope}),
-                lambda: load_model_config(_write_toml(tmp_path / "rope.toml", {**BASE, "rope_scaling": rope}))):
+                lambda: load_model_config(write_toml(tmp_path / "rope.toml", {**BASE, "rope_scaling": rope}))):
         with pytest.raises(ConfigError) as ei:
             err()
-        msg = _clean(ei.value)
+        msg = clean_message(ei.value)
         assert "rope_scaling.betafast" in msg and "'beta_fast'" in msg
 
 
 def test_unknown_key_without_close_match_has_no_bogus_suggestion():
     with pytest.raises(ConfigError) as ei:
         make_config({**BASE, "zzzzqqqq": 1})
-    msg = _clean(ei.value)
+    msg = clean_message(ei.value)
     assert "zzzzqqqq" in msg and "did you mean" not in msg
 
 
 def test_unknown_toml_section(tmp_path):
-    path = _write_toml(tmp_path / "s.toml", BASE, {"modle_extra": {"x": 1}})
+    path = write_toml(tmp_path / "s.toml", BASE, {"modle_extra": {"x": 1}})
     with pytest.raises(ConfigError) as ei:
         load_model_config(path)
-    msg = _clean(ei.value)
+    msg = clean_message(ei.value)
     assert "[modle_extra]" in msg and "model" in msg
 
 
@@ -101,7 +69,7 @@ def test_misspelt_model_section_suggests_model(tmp_path):
     path.write_text(TINY.read_text().replace("[model]", "[modle]"))
     with pytest.raises(ConfigError) as ei:
         load_model_config(path)
-    msg = _clean(ei.value)
+    msg = clean_message(ei.value)
     assert "[modle]" in msg and "'model'" in msg
 
 
@@ -118,7 +86,7 @@ def test_invalid_toml(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ConfigError) as ei:
         load_model_config(path)
-    msg = _clean(ei.value)
+    msg = clean_message(ei.value)
     assert "bad.toml" in msg and "TOML" in msg
 
 
@@ -132,7 +100,7 @@ def test_binary_file_as_toml(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError) as ei:
         load_model_config(tmp_path / "nope.toml")
-    msg = _clean(ei.value)
+    msg = clean_message(ei.value)
     assert "nope.toml" in msg and "not found" in msg
 
 
@@ -179,7 +147,7 @@ def test_impossible_config_names_the_fields(case):
     overrides, needles = IMPOSSIBLE[case]
     with pytest.raises(ConfigError) as ei:
         make_config({**BASE, **overrides})
-    msg = _clean(ei.value)
+    msg = clean_message(ei.value)
     assert isinstance(ei.value, ValueError)
     for needle in needles:
         assert needle in msg, f"{needle!r} missing from: {msg}"
@@ -188,10 +156,10 @@ def test_impossible_config_names_the_fields(case):
 @pytest.mark.parametrize("case", ["topk_gt_experts", "odd_qk_rope_head_dim", "string_for_int", "yarn_missing_field"])
 def test_impossible_config_from_toml_names_fields_and_file(tmp_path, case):
     overrides, needles = IMPOSSIBLE[case]
-    path = _write_toml(tmp_path / f"{case}.toml", {**BASE, **overrides})
+    path = write_toml(tmp_path / f"{case}.toml", {**BASE, **overrides})
     with pytest.raises(ConfigError) as ei:
         load_model_config(path)
-    msg = _clean(ei.value)
+    msg = clean_message(ei.value)
     assert f"{case}.toml" in msg
     for needle in needles:
         assert needle in msg
@@ -200,7 +168,7 @@ def test_impossible_config_from_toml_names_fields_and_file(tmp_path, case):
 def test_several_problems_are_reported_together():
     with pytest.raises(ConfigError) as ei:
         make_config({**BASE, "qk_rope_head_dim": 15, "bos_token_id": 9999})
-    msg = _clean(ei.value)
+    msg = clean_message(ei.value)
     assert "qk_rope_head_dim" in msg and "bos_token_id" in msg
 
 

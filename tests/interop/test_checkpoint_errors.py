@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import tomllib
 import torch
+from errcheck import clean_message, write_toml  # tests/support
 from safetensors.torch import load_file, save_file
 
 import moelab
@@ -27,38 +28,6 @@ from moelab.model.transformer import DeepSeekForCausalLM
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.toml"
 BASE = tomllib.loads(TINY.read_text())["model"]
-
-
-def _clean(exc: BaseException) -> str:
-    """The message of a moelab error, checking it carries no chained ("during handling...") trace."""
-    assert isinstance(exc, MoelabError)
-    assert exc.__cause__ is None
-    assert exc.__context__ is None or exc.__suppress_context__, "error leaks a chained traceback"
-    msg = str(exc)
-    assert msg.strip()
-    return msg
-
-
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)
-    return repr(v)
-
-
-def _write_toml(path: Path, model: dict, extra_sections: dict | None = None) -> Path:
-    """Write ``{"model": model, **extra_sections}`` as TOML (scalars + one level of sub-tables)."""
-    lines = []
-    for section, values in {"model": model, **(extra_sections or {})}.items():
-        lines.append(f"[{section}]")
-        subs = {k: v for k, v in values.items() if isinstance(v, dict)}
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
-        for name, sub in subs.items():
-            lines.append(f"[{section}.{name}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in sub.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,7 +57,7 @@ def ckpt(good_ckpt, tmp_path):
 def _load_error(path, **kwargs) -> str:
     with pytest.raises(CheckpointError) as ei:
         moelab.load(path, **kwargs)
-    return _clean(ei.value)
+    return clean_message(ei.value)
 
 
 def test_good_checkpoint_loads(good_ckpt, sharded_ckpt, tiny_model):
@@ -313,14 +282,14 @@ def test_bad_value_in_config_json_is_a_moelab_error(ckpt):
     (ckpt / "config.json").write_text(json.dumps(raw))
     with pytest.raises(MoelabError) as ei:
         moelab.load(ckpt)
-    msg = _clean(ei.value)
+    msg = clean_message(ei.value)
     assert "hidden_size" in msg and "config.json" in msg
 
 
 def test_unknown_override_suggests_field(good_ckpt):
     with pytest.raises(MoelabError) as ei:
         moelab.load(good_ckpt, atn_impl="naive")
-    assert "'attn_impl'" in _clean(ei.value)
+    assert "'attn_impl'" in clean_message(ei.value)
 
 
 # Malformed values in config.json: each must raise a MoelabError, never a bare Python error.
@@ -463,7 +432,7 @@ def test_cli_info_missing_path(tmp_path):
 
 
 def test_cli_info_unknown_key(tmp_path):
-    _write_toml(tmp_path / "typo.toml", {**BASE, "hiden_size": 128})
+    write_toml(tmp_path / "typo.toml", {**BASE, "hiden_size": 128})
     line = _assert_clean_failure(_cli("info", "typo.toml", cwd=tmp_path))
     assert "'hiden_size'" in line and "'hidden_size'" in line
     assert "[model]" in line  # not eaten as console markup
