@@ -331,7 +331,7 @@ def test_init_from_another_architecture_is_refused(ckpt, corpus):
 
 def test_init_from_the_same_architecture_records_it(ckpt, corpus):
     cli("train", TINY, "--out", "runs/i", *settings(corpus, f'train.init_from="{ckpt}"', "train.steps=2",
-                                                     'model.attn_impl="naive"',  # a moelab setting may differ
+                                                     'runtime.attn_impl="naive"',  # a moelab setting may differ
                                                      layers=None))
     rec = json.loads(Path("runs/i/config.json").read_text())
     assert rec["model"]["num_hidden_layers"] == 4 and rec["train"]["init_from"] == str(ckpt)

@@ -323,6 +323,23 @@ class ModelConfig(_Strict):
 #: written to config.json (a reloaded checkpoint gets the defaults); may differ from a checkpoint's, as in
 #: ``moelab.load(path, expert_impl="loop")`` or a run's ``[model]`` over ``train.init_from``.
 RUNTIME_FIELDS: tuple[str, ...] = ("attn_impl", "expert_impl", "compile_experts")
+
+
+class RuntimeSettings(_Strict):
+    """The ``[runtime]`` section of a run config: how to compute, never what — kernels, attention path and
+    the compile switches, in one place (``None``: keep the value of ``[model]`` / ``[train]`` or the
+    checkpoint's default). ``compile`` is ``train.compile`` (the blocks' dense parts); ``compile_experts``
+    the fused expert kernel's elementwise math. A key given both here and in ``[model]``/``[train]``
+    with different values is an error."""
+
+    expert_impl: Literal["loop", "grouped_mm", "padded_bmm", "fused"] | None = None
+    attn_impl: Literal["auto", "absorb", "naive"] | None = None
+    compile_experts: bool | None = None
+    compile: bool | None = None
+
+    def model_settings(self) -> dict[str, Any]:
+        """The given settings that belong to the model (``RUNTIME_FIELDS``)."""
+        return {k: getattr(self, k) for k in RUNTIME_FIELDS if getattr(self, k) is not None}
 #: Never in config.json: the runtime settings, and yarn_apply (it changes the numbers, but neither
 #: transformers nor the hub configs have a key for it: they always apply a configured YaRN).
 NOT_IN_CONFIG_JSON: tuple[str, ...] = (*RUNTIME_FIELDS, "yarn_apply")

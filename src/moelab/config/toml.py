@@ -63,7 +63,7 @@ def make_config(values: dict[str, Any], where: str = "[model]") -> ModelConfig:
 
 
 #: Top-level TOML sections moelab knows: the model, and the pre-training stage (moelab.train.config).
-KNOWN_SECTIONS = {"model", "data", "train", "balance"}
+KNOWN_SECTIONS = {"model", "data", "train", "balance", "runtime"}
 
 
 def read_toml(path: str | Path, sections: set[str] = KNOWN_SECTIONS, require_model: bool = True) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from moelab.config import ModelConfig, format_validation_error, read_toml
+from moelab.config import ModelConfig, RuntimeSettings, format_validation_error, read_toml
 from moelab.errors import ConfigError
 
 
@@ -135,6 +135,21 @@ class RunConfig(BaseModel):
     data: DataConfig = DataConfig()
     train: TrainConfig
     balance: BalanceConfig = BalanceConfig()
+    runtime: RuntimeSettings = RuntimeSettings()
+
+    @model_validator(mode="after")
+    def _apply_runtime(self):
+        """``[runtime]`` sets the model's runtime fields and ``train.compile`` (one place for all of them)."""
+        targets = {k: ("model", self.model) for k in self.runtime.model_settings()}
+        if self.runtime.compile is not None:
+            targets["compile"] = ("train", self.train)
+        for key, (section, obj) in targets.items():
+            value = getattr(self.runtime, key)
+            if key in obj.model_fields_set and getattr(obj, key) != value:
+                raise ValueError(f"runtime.{key} = {value!r} contradicts {section}.{key} = {getattr(obj, key)!r}; "
+                                 f"set it in one place ([runtime])")
+            setattr(obj, key, value)
+        return self
 
 
 def _coerce(text: str) -> Any:

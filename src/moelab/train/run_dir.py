@@ -50,10 +50,12 @@ RUN_ENTRIES = (LOCK, RECORD, CHANGES, "metrics.jsonl", "tb", "checkpoints", "mod
                "expert_load.npy", "expert_load_layers.json", "finetune.json", "expert_load.tmp.npy",
                ".model.tmp", ".finetune.json.tmp", ".*.tmp-*", ".*.old-*",
                "run.json", "result.json")   # an IsoFLOP sweep's plan and result for one of its runs
-#: Settings that do not change what is computed: a resume may change them freely (they are recorded).
+#: Settings that do not change what is computed (the runtime ones only up to rounding): a resume may change
+#: them freely (they are recorded).
 FREE_SETTINGS = ("train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",
                  "train.keep_last", "train.threads", "train.compile", "train.keep_host_memory",
-                 "data.general_path")
+                 "data.general_path", "model.attn_impl", "model.expert_impl", "model.compile_experts",
+                 "runtime.expert_impl", "runtime.attn_impl", "runtime.compile_experts", "runtime.compile")
 
 _err = Console(stderr=True)
 

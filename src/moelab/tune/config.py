@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from moelab.config import format_validation_error, non_finite_settings, read_toml
+from moelab.config import RuntimeSettings, format_validation_error, non_finite_settings, read_toml
 from moelab.errors import ConfigError
 from moelab.train.config import BalanceConfig, TrainConfig, apply_overrides
 from moelab.tune.lora import LoraSettings
@@ -34,7 +34,7 @@ from moelab.tune.plora import PLoraSettings
 Method = Literal["full", "lora", "plora", "esft"]
 METHODS = ("full", "lora", "plora", "esft")
 DEFAULT_LR = {"full": 3e-5, "lora": 1e-4, "plora": 1e-4, "esft": 1e-5}
-SECTIONS = {"finetune", "data", "train", "balance", "lora", "plora", "esft"}
+SECTIONS = {"finetune", "data", "train", "balance", "lora", "plora", "esft", "runtime"}
 
 
 class _Section(BaseModel):
@@ -92,10 +92,21 @@ class FinetuneConfig(BaseModel):
     lora: LoraSettings = LoraSettings()
     plora: PLoraSettings = PLoraSettings()
     esft: EsftSection = EsftSection()
+    #: how to compute: kernels and attention path of the loaded base model, and train.compile
+    runtime: RuntimeSettings = RuntimeSettings()
 
     @property
     def method(self) -> str:
         return self.finetune.method or "full"
+
+    @model_validator(mode="after")
+    def _apply_runtime(self):
+        if self.runtime.compile is not None:
+            if "compile" in self.train.model_fields_set and self.train.compile != self.runtime.compile:
+                raise ValueError(f"runtime.compile = {self.runtime.compile!r} contradicts train.compile = "
+                                 f"{self.train.compile!r}; set it in one place ([runtime])")
+            self.train.compile = self.runtime.compile
+        return self
 
     @model_validator(mode="before")
     @classmethod

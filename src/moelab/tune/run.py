@@ -62,7 +62,7 @@ def build_job(cfg: FinetuneConfig) -> tuple[Job, dict]:
                               "model's tokenizer — copy it next to the weights")
     tc, dc = cfg.train, cfg.data
     torch.manual_seed(tc.seed)
-    model = load_checkpoint_dir(base, dtype=torch.float32)
+    model = load_checkpoint_dir(base, dtype=torch.float32, **cfg.runtime.model_settings())
     base_params = count_params(model)[1]
     tokenizer = load_tokenizer(base)
     train_data, val_data, stats = load_sft(
