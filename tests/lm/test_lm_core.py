@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import TINY_MOE
 
 from moelab.config import make_config
 from moelab.data.tokens import TokenData, prepare
@@ -26,11 +27,7 @@ from moelab.lm.padding import left_pad
 from moelab.model.transformer import DeepSeekForCausalLM
 
 EXCERPT = Path(__file__).resolve().parents[1] / "assets" / "shakespeare_excerpt.txt"
-MOE = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-           qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, kv_lora_rank=16, q_lora_rank=None,
-           n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16,
-           first_k_dense_replace=1, scoring_func="sigmoid", topk_method="noaux_tc", n_group=1, topk_group=1,
-           initializer_range=0.05, max_position_embeddings=256)
+MOE = TINY_MOE | {"first_k_dense_replace": 1}     # tests/support/tiny.py
 SEQ_LEN = 32
 
 
