@@ -32,13 +32,17 @@ class Bars:
     """A rich ``Progress`` on stderr when ``enabled``, else a stand-in with the same methods that does
     nothing (so callers never branch)."""
 
-    def __init__(self, enabled: bool = True, transient: bool = True, counts: bool = True, console=None):
+    def __init__(self, enabled: bool = True, transient: bool = True, counts: bool = True, console=None,
+                 columns: tuple | None = None):
+        """``columns``: rich progress columns to show instead of the default (description, bar, n/total,
+        elapsed, remaining; ``counts=False`` drops n/total)."""
         self.enabled, self.progress = enabled, None
         if enabled:
             from rich.console import Console
             from rich.progress import Progress
 
-            self.progress = Progress(*_columns(counts), console=console or Console(stderr=True), transient=transient)
+            self.progress = Progress(*(columns or _columns(counts)), console=console or Console(stderr=True),
+                                     transient=transient)
 
     def __enter__(self):
         if self.progress is not None:

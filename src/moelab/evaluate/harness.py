@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from moelab.common.progress import Bars
 from moelab.data.tasks import exact_match
@@ -42,6 +41,7 @@ from moelab.evaluate.lm import (
     model_device,
     separator_id,
 )
+from moelab.lm.nll import token_nll
 
 NORMALIZE = ("none", "tokens", "bytes")
 ANSWER_MODES = ("auto", "exact", "number")
@@ -98,9 +98,9 @@ def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], batch_size:
                 L = len(ids) - 1
                 logits = logits_BTV[r, L - n:L]                           # [n, V]: predicts the continuation
                 target = torch.tensor(ids[L - n + 1:], device=dev)
-                lp = F.log_softmax(logits, dim=-1).gather(1, target[:, None]).squeeze(1)
+                nll, _ = token_nll(logits[None], target[None], torch.float64)   # fp32 per token, fp64 sum
                 greedy = bool((logits.argmax(-1) == target).all())
-                out.append(LogLikelihood(float(lp.double().sum()), n, greedy))
+                out.append(LogLikelihood(-nll, n, greedy))
     finally:
         model.train(was_training)
     return out

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moelab.common.progress import Bars
+
 
 class MetricsLog:
     """Appends JSON lines to metrics.jsonl and mirrors scalars to TensorBoard (if installed)."""
@@ -67,12 +69,11 @@ class ProgressBar:
         self.enabled = enabled
         if not enabled:
             return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-        self.progress = Progress(
+        self.progress = Bars(transient=False, columns=(
             TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+            TimeRemainingColumn()))
         self.task = self.progress.add_task("train", total=total, completed=start, info="")
         self.fields: dict = {}
 

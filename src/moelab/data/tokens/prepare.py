@@ -23,7 +23,6 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
-    Progress,
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
@@ -239,5 +238,6 @@ def _progress(console: Console, enabled: bool):
     """The bars of the three passes: byte counts (``DownloadColumn``) and a spinner, kept on screen."""
     if not enabled:
         return Bars(enabled=False)
-    return Progress(SpinnerColumn(), TextColumn("{task.description:<22}"), BarColumn(), DownloadColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+    return Bars(console=console, transient=False, columns=(
+        SpinnerColumn(), TextColumn("{task.description:<22}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn()))
