@@ -408,3 +408,26 @@ def test_isoflop_exponent_on_shakespeare(tmp_path, one_thread):
     assert math.isfinite(a) and 0 < a < 1
     assert fit["b"] == pytest.approx(1 - a)
     assert (tmp_path / "sweep" / "isoflop.png").is_file()
+
+
+def test_isoflop_out_must_be_a_sweep_directory(excerpt_dir, tmp_path):
+    """A sweep never writes its results.json over a user's directory (checked before any training)."""
+    import hashlib
+
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "results.json").write_text("my own results")
+    (keep / "notes.md").write_text("mine")
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in keep.iterdir()}
+    with pytest.raises(DataError, match=r"is not an IsoFLOP sweep directory \(it holds notes.md\)"):
+        iso.run_sweep(excerpt_dir, keep, SweepSettings(**TINY), progress=False,
+                      train_fn=lambda *a, **k: pytest.fail("trained"))
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in keep.iterdir()} == before
+    (keep / "notes.md").unlink()                                  # only a results.json that is not a sweep's
+    with pytest.raises(DataError, match="results.json is not an IsoFLOP sweep's results file"):
+        iso.run_sweep(excerpt_dir, keep, SweepSettings(**TINY), progress=False,
+                      train_fn=lambda *a, **k: pytest.fail("trained"))
+    assert (keep / "results.json").read_text() == "my own results"
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(DataError, match="is a file"):
+        iso.run_sweep(excerpt_dir, tmp_path / "f", SweepSettings(**TINY), progress=False)

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from moelab.common.atomic import check_not_cwd
 from moelab.common.jsonio import dumps, write_json
 from moelab.errors import ConfigError, DataError, MoelabError
 from moelab.scaling.isoflop_fit import fit_isoflop
@@ -82,6 +83,33 @@ def collect_rows(out_dir: Path) -> list[dict]:
     rows = [result_row(_read_json(p)) for p in sorted((Path(out_dir) / "runs").glob("*/result.json"))]
     rows = [r for r in rows if isinstance(r, dict) and "budget" in r and "M" in r]
     return sorted(rows, key=lambda r: (r["budget"], r["M"]))
+
+
+#: What a sweep writes into OUT (temporary siblings of results.json / isoflop.png aside).
+SWEEP_ENTRIES = ("results.json", "isoflop.png", "runs")
+
+
+def check_sweep_dir(out: Path) -> None:
+    """A sweep writes only into a new or empty directory, or one of its own (which it resumes): never
+    over a user's files. Raises DataError (one line) otherwise."""
+    check_not_cwd(out, "--out", DataError)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; give a directory for the sweep")
+    if out.is_dir():
+        foreign = sorted(e for e in os.listdir(out) if e not in SWEEP_ENTRIES and not e.startswith("."))
+        if foreign:
+            shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+            raise DataError(f"--out {out} is not an IsoFLOP sweep directory (it holds {shown}); moelab never "
+                            "writes into a directory it did not make — choose a new --out")
+        results = out / "results.json"
+        if results.is_file():
+            try:
+                ours = json.loads(results.read_text(encoding="utf-8")).get("format") == FORMAT
+            except (OSError, ValueError, AttributeError):
+                ours = False
+            if not ours:
+                raise DataError(f"--out {out}: {results.name} is not an IsoFLOP sweep's results file; moelab "
+                                "never overwrites what it did not write — choose a new --out")
 
 
 def load_results(out_dir: str | os.PathLike) -> dict:
@@ -174,6 +202,7 @@ def run_sweep(data_dir: str | os.PathLike, out_dir: str | os.PathLike, settings:
         if progress:
             console.print(msg, highlight=False)
 
+    check_sweep_dir(out)
     plan = plan_sweep(settings)
     n_train = int(fp["train_tokens"] or 0)
     out.mkdir(parents=True, exist_ok=True)
