@@ -31,6 +31,7 @@ NOT_IN_TRANSFORMERS = {
     "use_mla": "MLA or MHA/GQA attention; DeepSeek-VL2 configs carry it",
     "rope_interleave": "RoPE pair layout; DeepseekV3Config knows it, DeepseekV2Config does not",
     "scale_only_if_unnormalized": "hub V2 routed-scaling rule; moelab-only, written only when true",
+    "yarn_apply": "YaRN only when the context is longer (reference code); moelab-only, written only when so",
     # hub fields the forward ignores, kept for round trips of hub configs
     "aux_loss_alpha": "hub training field", "seq_aux": "hub training field", "ep_size": "hub parallelism field",
     "num_nextn_predict_layers": "V3 multi-token prediction layers; DeepseekV2Config does not know it",

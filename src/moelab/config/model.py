@@ -133,7 +133,7 @@ class ModelConfig(_Strict):
     attn_impl: Literal["auto", "absorb", "naive"] = "auto"
     #: moelab setting, [UNCERTAIN] in the sources: HF and hub code apply YaRN whenever it is
     #: configured ("always"); the reference code only when max_position_embeddings exceeds the
-    #: original length ("when_longer"). Not in config.json (NOT_IN_CONFIG_JSON): reloads as "always".
+    #: original length ("when_longer"). Written to config.json only when "when_longer".
     yarn_apply: Literal["always", "when_longer"] = "always"
     #: Runtime setting (RUNTIME_FIELDS): which kernel computes the routed experts (see
     #: moelab.model.experts.choose_kernel). "fused" is the fastest and leanest on one device; "loop" is
@@ -340,9 +340,11 @@ class RuntimeSettings(_Strict):
     def model_settings(self) -> dict[str, Any]:
         """The given settings that belong to the model (``RUNTIME_FIELDS``)."""
         return {k: getattr(self, k) for k in RUNTIME_FIELDS if getattr(self, k) is not None}
-#: Never in config.json: the runtime settings, and yarn_apply (it changes the numbers, but neither
-#: transformers nor the hub configs have a key for it: they always apply a configured YaRN).
-NOT_IN_CONFIG_JSON: tuple[str, ...] = (*RUNTIME_FIELDS, "yarn_apply")
+
+
+#: Never in config.json: the runtime settings. (yarn_apply changes the numbers, so it is written, but only
+#: when it is "when_longer": transformers and the hub configs have no key for it and always apply YaRN.)
+NOT_IN_CONFIG_JSON: tuple[str, ...] = RUNTIME_FIELDS
 
 
 def runtime_settings(cfg: ModelConfig) -> dict[str, Any]:

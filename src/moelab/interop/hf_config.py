@@ -51,10 +51,11 @@ _ARCH = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCa
          "deepseek": "DeepseekForCausalLM"}
 
 # ModelConfig fields config_to_hf does not dump as they are: those config.json never holds (the runtime
-# settings, yarn_apply), those written below in transformers' form (RoPE, head_dim, num_key_value_heads),
-# and scale_only_if_unnormalized, written only when set (transformers has no such key).
+# settings), those written below in transformers' form (RoPE, head_dim, num_key_value_heads), and the
+# moelab-only scale_only_if_unnormalized and yarn_apply, written only when off their defaults (transformers
+# has no such keys).
 _NOT_DUMPED = {*NOT_IN_CONFIG_JSON, "rope_scaling", "rope_theta", "head_dim", "num_key_value_heads",
-               "scale_only_if_unnormalized"}
+               "scale_only_if_unnormalized", "yarn_apply"}
 
 # Keys in real config.json files that carry no model semantics for moelab.
 _IGNORED = {
@@ -163,6 +164,8 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, An
         d.pop("rope_parameters")
     if cfg.scale_only_if_unnormalized:
         d["scale_only_if_unnormalized"] = True
+    if cfg.yarn_apply != "always":       # the reference code's rule; transformers always applies YaRN
+        d["yarn_apply"] = cfg.yarn_apply
     return d
 
 
