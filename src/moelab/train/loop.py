@@ -58,10 +58,7 @@ def fit(job: Job, tc: TrainConfig, balance: BalanceConfig, seq_len: int, run_dir
     changes nothing on disk. ``on_event(kind, record)`` sees every logged ("log") and evaluation ("eval")
     record."""
     run_dir = Path(run_dir)
-    max_pos = getattr(job.model.config, "max_position_embeddings", None)
-    if max_pos is not None and seq_len > max_pos:
-        raise TrainingError(f"data.seq_len {seq_len} exceeds the model's max_position_embeddings {max_pos}; "
-                            "lower data.seq_len")
+    check_context(seq_len, job.model.config)
     check_eval_data(job.val_data, tc.batch_size, seq_len)
     with open_run(run_dir, resume):
         trainer = Trainer(job, tc, balance, seq_len, run_dir, on_event or (lambda kind, rec: None))
@@ -203,10 +200,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
     """Run (or resume) pre-training as configured; returns where it stopped."""
     tc, dc = cfg.train, cfg.data
     check_run_dir(Path(run_dir), resume)       # before any work: a refused run costs nothing
-    if dc.seq_len > cfg.model.max_position_embeddings:
-        raise TrainingError(f"data.seq_len {dc.seq_len} exceeds model.max_position_embeddings "
-                            f"{cfg.model.max_position_embeddings}; lower data.seq_len (or extend the model's "
-                            "context with YaRN rope_scaling)")
+    check_context(dc.seq_len, cfg.model)      # before loading anything
     train_data, val_data = TokenData(dc.path, "train"), TokenData(dc.path, "val")
     tok_vocab = int(train_data.meta["vocab_size"])
     if tok_vocab > cfg.model.vocab_size:
@@ -223,6 +217,14 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
               tokenizer_file=Path(dc.path) / "tokenizer.json")
     return fit(job, tc, cfg.balance, dc.seq_len, run_dir, resume=resume, progress=progress, on_event=on_event,
                allow_config_change=allow_config_change)
+
+
+def check_context(seq_len: int, model_cfg) -> None:
+    """``data.seq_len`` must fit the model's context (``eval ppl`` would refuse the result later)."""
+    if seq_len > model_cfg.max_position_embeddings:
+        raise TrainingError(f"data.seq_len {seq_len} exceeds model.max_position_embeddings "
+                            f"{model_cfg.max_position_embeddings}; lower data.seq_len (or extend the model's "
+                            "context with YaRN rope_scaling)")
 
 
 #: ModelConfig fields that may differ from a ``train.init_from`` checkpoint's (the run's [model] value is

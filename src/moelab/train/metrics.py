@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moelab.common.atomic import write_file, write_text
 from moelab.common.progress import Bars
 
 
@@ -55,10 +56,8 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def save_expert_load(run_dir: Path, share: np.ndarray, layer_ids: list[int]) -> None:
-    tmp = run_dir / "expert_load.tmp.npy"
-    np.save(tmp, share.astype(np.float64))
-    tmp.replace(run_dir / "expert_load.npy")
-    (run_dir / "expert_load_layers.json").write_text(json.dumps(layer_ids))
+    write_file(run_dir / "expert_load.npy", lambda f: np.save(f, share.astype(np.float64)), "wb")
+    write_text(run_dir / "expert_load_layers.json", json.dumps(layer_ids))
 
 
 

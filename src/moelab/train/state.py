@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from moelab.errors import CheckpointError
-from moelab.interop.checkpoint import load_state_into, save, weight_files
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -43,18 +42,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int,
-                    tokenizer: Path | None = None, save_weights=None) -> Path:
-    """Write ``checkpoints/step-NNNNNNNN`` atomically. ``save_weights(model, dir)`` replaces the default
-    (a Hugging Face checkpoint in ``dir/model``) for fine-tuning jobs."""
+                    save_weights) -> Path:
+    """Write ``checkpoints/step-NNNNNNNN`` atomically; ``save_weights(model, dir)`` writes the weights (the
+    job's hook: a Hugging Face checkpoint in ``dir/model`` by default, see :class:`moelab.train.job.Job`)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
     try:
-        if save_weights is not None:
-            save_weights(model, tmp)
-        else:
-            save(model, tmp / "model", tokenizer=tokenizer if tokenizer and tokenizer.is_file() else None)
+        save_weights(model, tmp)
         payload = {"optimizer": optimizer.state_dict(), "step": step, "torch_rng": torch.get_rng_state(), **state}
         torch.save(payload, tmp / "train_state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, "tokens": state.get("tokens", 0),
@@ -71,13 +67,10 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
     return final
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, load_weights=None) -> dict:
+def load_checkpoint(ckpt: Path, model, optimizer, load_weights) -> dict:
     """Restore weights (in place) and optimizer state; returns the saved training state."""
     try:
-        if load_weights is not None:
-            load_weights(model, ckpt)
-        else:
-            load_state_into(model, weight_files(ckpt / "model"))
+        load_weights(model, ckpt)
     except CheckpointError:
         raise
     except Exception as e:
