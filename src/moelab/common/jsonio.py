@@ -36,3 +36,23 @@ def write_json(path: str | os.PathLike, obj, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, dumps(obj, **kwargs))
     return path
+
+
+def read_json(path: str | os.PathLike, error: type[Exception], *, missing: str, hint: str = "",
+              want_object: bool = True):
+    """The JSON value in ``path``, or ``error`` with one clear line.
+
+    ``missing`` is the whole message for a path that is not a file; ``hint`` (what to do) follows the
+    message for a file that is not JSON (or, with ``want_object``, not a JSON object).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise error(missing)
+    tail = f"; {hint}" if hint else ""
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{p} is not valid JSON ({e}){tail}") from None
+    if want_object and not isinstance(data, dict):
+        raise error(f"{p} must hold a JSON object, not {type(data).__name__}{tail}")
+    return data

@@ -8,11 +8,11 @@ Writes what transformers v5 writes, plus the hub-only routing fields so nothing 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from moelab.common.jsonio import read_json
 from moelab.config import NOT_IN_CONFIG_JSON, ModelConfig, make_config
 from moelab.errors import CheckpointError, ConfigError
 
@@ -192,13 +192,6 @@ def hf_compatibility_warnings(cfg: ModelConfig) -> list[str]:
 
 def read_config_json(directory: Path, **overrides: Any) -> ModelConfig:
     path = directory / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{directory} has no config.json; a checkpoint directory needs config.json "
-                              "plus model.safetensors (or sharded safetensors with an index)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
+    raw = read_json(path, CheckpointError, missing=f"{directory} has no config.json; a checkpoint directory needs "
+                    "config.json plus model.safetensors (or sharded safetensors with an index)")
     return config_from_hf(raw, where=str(path), **overrides)

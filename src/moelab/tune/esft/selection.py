@@ -19,6 +19,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from moelab.common.jsonio import read_json
 from moelab.errors import ConfigError, DataError, did_you_mean
 from moelab.model.transformer import DeepSeekForCausalLM
 from moelab.tune.esft.layers import moe_layers
@@ -88,12 +89,8 @@ def write_summary(summary: dict, path: str | os.PathLike) -> Path:
 def read_summary(path: str | os.PathLike) -> dict:
     """Read a summary written by :func:`write_summary` (or a released ESFT ``summary.json``)."""
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"expert-score summary not found: {p}; create one with `moelab esft score`")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{p} is not valid JSON ({e}); write it again with `moelab esft score`") from None
+    data = read_json(p, DataError, missing=f"expert-score summary not found: {p}; create one with `moelab esft score`",
+                     hint="write it again with `moelab esft score`", want_object=False)
     return validate_summary(data, str(p))
 
 
@@ -193,10 +190,6 @@ def write_expert_config(config: dict, path: str | os.PathLike, model: DeepSeekFo
 def read_expert_config(path: str | os.PathLike, model: DeepSeekForCausalLM | None = None) -> dict:
     """Read and validate an ``expert_cfg.json`` (against ``model`` when given)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"expert config not found: {p}; create one with `moelab esft select`")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p} is not valid JSON ({e}); write it again with `moelab esft select`") from None
+    data = read_json(p, ConfigError, missing=f"expert config not found: {p}; create one with `moelab esft select`",
+                     hint="write it again with `moelab esft select`", want_object=False)
     return validate_expert_config(data, model, str(p))

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moelab.common.atomic import ADAPTER, write_dir
+from moelab.common.jsonio import read_json
 from moelab.errors import CheckpointError, ConfigError
 from moelab.model.experts import RoutedExperts
 from moelab.tune.lora.apply import LoraTarget, attach_adapters, candidate_targets, lora_info
@@ -142,15 +143,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
 
 def _read_adapter_config(directory: Path) -> dict:
     path = directory / ADAPTER_CONFIG
-    if not path.is_file():
-        raise CheckpointError(f"{directory} has no {ADAPTER_CONFIG}; give the directory written by "
-                              "save_adapter or PEFT's save_pretrained")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
+    cfg = read_json(path, CheckpointError, missing=f"{directory} has no {ADAPTER_CONFIG}; give the directory "
+                    "written by save_adapter or PEFT's save_pretrained")
     if cfg.get("peft_type") != "LORA":
         raise CheckpointError(f"{path}: peft_type is {cfg.get('peft_type')!r}; moelab reads LoRA adapters only")
     unsupported = {"bias": lambda v: v not in (None, "none"), "fan_in_fan_out": bool, "use_dora": bool,
