@@ -13,6 +13,26 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def gpu_device_name() -> str:
+    """The device of the ``cuda``-marked tests: ``$MOELAB_TEST_DEVICE`` (default ``cuda``); ``cpu`` dry-runs them."""
+    return os.environ.get("MOELAB_TEST_DEVICE", "cuda")
+
+
+@pytest.fixture
+def gpu():
+    """The GPU of a ``cuda``-marked test (``torch.device``); skips the test where there is none."""
+    name = gpu_device_name()
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("no CUDA device (MOELAB_TEST_DEVICE=cpu runs the GPU tests on the CPU)")
+    return torch.device(name)
+
+
+@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.cuda)])
+def cpu_and_gpu(request):
+    """Runs a test on the CPU, and again (marked ``cuda``) on the GPU of :func:`gpu`."""
+    return torch.device("cpu") if request.param == "cpu" else request.getfixturevalue("gpu")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

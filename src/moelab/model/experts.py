@@ -130,8 +130,15 @@ class RoutedExperts(nn.Module):
         nn.init.normal_(self.down_proj, std=std)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """x ``[N, H]``, indices / gates ``[N, K]`` -> ``[N, H]``, by the kernel :func:`choose_kernel` picks."""
-        choice = choose_kernel(self.impl, device_type=x.device.type, dtype=x.dtype,
+        """x ``[N, H]``, indices / gates ``[N, K]`` -> ``[N, H]``, by the kernel :func:`choose_kernel` picks.
+
+        Under autocast every kernel computes in the autocast dtype (as ``nn.Linear`` would), whatever the
+        stored dtype of x and the weights (fp32 master weights): the kernel is chosen for that dtype."""
+        if x.shape[0] == 0:                     # no tokens (an empty batch): nothing to route
+            return x.new_zeros(x.shape)
+        autocast_dt = _autocast_dtype(x)
+        dt = autocast_dt or x.dtype
+        choice = choose_kernel(self.impl, device_type=x.device.type, dtype=dt,
                                grad_enabled=torch.is_grad_enabled(), n_tokens=x.shape[0], n_routed=indices.numel(),
                                n_experts=self.n_experts, hidden=x.shape[1], inner=self.inner,
                                grouped_mm_available=grouped_mm is not None)
@@ -140,8 +147,6 @@ class RoutedExperts(nn.Module):
         kernel = choice.kernel
         if kernel == "few_tokens":
             return self._few_tokens(x, indices, gates)
-        autocast_dt = _autocast_dtype(x)
-        dt = autocast_dt or x.dtype
         # Aligned groups serve the grouped GEMMs (LOWP_CPU_ALIGN). A grouped_mm request keeps them when
         # the loop runs instead, over the same slots (padding slots add exactly zero).
         align = LOWP_CPU_ALIGN if x.device.type == "cpu" and dt in (torch.bfloat16, torch.float16) else 1
@@ -196,7 +201,14 @@ class RoutedExperts(nn.Module):
 
     def _padded(self, x_slots: torch.Tensor, C: int) -> torch.Tensor:
         E, H = self.n_experts, x_slots.shape[1]
-        y = PaddedSwiGLU.apply(x_slots.view(E, C, H), self.gate_up_proj, self.down_proj)
+        w_gu, w_down = self.gate_up_proj, self.down_proj
+        dt = _autocast_dtype(x_slots)
+        if dt is not None:
+            # PaddedSwiGLU's backward runs outside autocast: hand it operands of one dtype (the casts
+            # carry the gradients back to fp32 master weights) and keep autocast out of its forward
+            x_slots, w_gu, w_down = x_slots.to(dt), w_gu.to(dt), w_down.to(dt)
+        with torch.autocast(x_slots.device.type, enabled=False):
+            y = PaddedSwiGLU.apply(x_slots.view(E, C, H), w_gu, w_down)
         return y.view(E * C, H)
 
 

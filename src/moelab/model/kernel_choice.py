@@ -30,9 +30,9 @@ def choose_kernel(requested: str, *, device_type: str, dtype: torch.dtype, grad_
                   n_routed: int, n_experts: int, hidden: int, inner: int,
                   grouped_mm_available: bool) -> KernelChoice:
     """Which kernel computes the routed experts of one forward (a pure function of its arguments):
-    requested ``expert_impl``; device type and dtype of the input x ``[N, H]`` (its stored dtype, also
-    under autocast); n_tokens N; n_routed ``N·K``; hidden H; inner I (the expert width);
-    grouped_mm_available: this torch has ``grouped_mm``.
+    requested ``expert_impl``; device type and the dtype the experts compute in (the autocast dtype
+    under autocast, else that of the input x ``[N, H]``); n_tokens N; n_routed ``N·K``; hidden H; inner I
+    (the expert width); grouped_mm_available: this torch has ``grouped_mm``.
 
     * Without autograd and with fewer routed rows than experts (``N·K < E``, a decode step), every
       request runs ``few_tokens``: a gather of the chosen experts' weights beats visiting all E.
