@@ -78,3 +78,20 @@ def tiny_checkpoint(tmp_path_factory, tokenizer_dir):
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
     moelab.save(DeepSeekForCausalLM.from_config(factory(), seed=0), out, tokenizer=tokenizer_dir)
     return out
+
+
+@pytest.fixture(scope="session")
+def excerpt_tokens(tmp_path_factory):
+    """The Shakespeare excerpt (tests/assets) as eight documents, two held out for validation, prepared
+    with a 300-token BPE tokenizer: a token directory for training tests. Read-only for its users."""
+    from pathlib import Path
+
+    from moelab.data.tokens import prepare
+
+    text = (Path(__file__).parent / "assets" / "shakespeare_excerpt.txt").read_text(encoding="utf-8")
+    src = tmp_path_factory.mktemp("corpus")
+    for i in range(8):  # eight documents, so the validation split is never empty
+        (src / f"doc{i}.txt").write_text(text[i * 2500:(i + 1) * 2500], encoding="utf-8")
+    out = tmp_path_factory.mktemp("tokens") / "d"
+    prepare([src], out, vocab_size=300, val_docs=2, progress=False)
+    return out

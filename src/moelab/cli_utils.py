@@ -142,40 +142,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 # option checks shared by the sub-apps (run before any work, so a bad option fails in a second)
 # ----------------------------------------------------------------------------------------------
 def resolve_device(device: str, option: str = "--device") -> str:
-    """The torch device ``device`` names (``auto``: cuda when available, else cpu), checked on this machine.
+    """:func:`moelab.common.device.resolve_device` (imported late: torch loads only when a command runs)."""
+    from moelab.common.device import resolve_device as resolve
 
-    Raises a :class:`~moelab.errors.ConfigError` for a malformed name, CUDA on a machine without it, or a
-    CUDA index the machine does not have.
-    """
-    import torch
-
-    from moelab.errors import ConfigError
-
-    text = device.strip()
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError, TypeError):
-        raise ConfigError(f"{option} {device}: not a device; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cpu":
-        return "cpu"
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = ("torch built without CUDA" if torch.version.cuda is None and torch.version.hip is None
-                   else f"{torch.cuda.device_count()} devices")
-            raise ConfigError(f"{option} {device}: CUDA is not available on this machine ({why}); use {option} cpu")
-        n = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= n:
-            have = "1 CUDA device (cuda:0)" if n == 1 else f"{n} CUDA devices (cuda:0 to cuda:{n - 1})"
-            raise ConfigError(f"{option} {device}: this machine has {have}; pick one of them or use {option} cpu")
-        return str(dev)
-    if dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ConfigError(f"{option} {device}: MPS is not available on this machine; use {option} cpu")
-        return str(dev)
-    raise ConfigError(f"{option} {device}: moelab runs on cpu, cuda or mps devices (got {dev.type!r}); "
-                      f"use {option} cpu or {option} cuda")
+    return resolve(device, option)
 
 
 def _first_existing(path):

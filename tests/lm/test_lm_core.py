@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tiny import TINY_MOE
 
 from moelab.config import make_config
-from moelab.data.tokens import TokenData, prepare
+from moelab.data.tokens import TokenData
 from moelab.errors import MoelabError
 from moelab.lm.logits import context_length, forward_logits, is_moelab, model_device
 from moelab.lm.nll import IGNORE, lm_loss, token_nll
@@ -35,14 +35,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("corpus")
-    text = EXCERPT.read_text(encoding="utf-8")
-    for i in range(8):  # eight documents, two held out: a validation split of a few thousand tokens
-        (src / f"doc{i}.txt").write_text(text[i * 2500:(i + 1) * 2500], encoding="utf-8")
-    out = tmp_path_factory.mktemp("tokens") / "d"
-    prepare([src], out, vocab_size=300, val_docs=2, progress=False)
-    return out
+def data_dir(excerpt_tokens) -> Path:
+    return excerpt_tokens            # conftest.py: the Shakespeare excerpt as a token directory
 
 
 @pytest.fixture(scope="module")

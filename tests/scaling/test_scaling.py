@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from moelab.config import load_model_config
@@ -249,22 +248,9 @@ def test_cli_isoflop_dry_run_takes_space_separated_budgets(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # A tiny end-to-end sweep: 2 budgets × 3 sizes on the excerpt, resumed after an interruption
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def excerpt_dir(tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("corpus")
-    text = EXCERPT.read_text(encoding="utf-8")
-    for i in range(8):
-        (src / f"doc{i}.txt").write_text(text[i * 2500:(i + 1) * 2500], encoding="utf-8")
-    out = tmp_path_factory.mktemp("tokens") / "d"
-    prepare([src], out, vocab_size=300, val_docs=2, progress=False)
-    return out
+def excerpt_dir(excerpt_tokens) -> Path:
+    return excerpt_tokens            # conftest.py: the Shakespeare excerpt as a token directory
 
 
 TINY = dict(budgets=[3e7, 1e8], sizes=3, layers=(1, 2), widths=(16, 32), width_multiple=16, seq_len=32,

@@ -18,7 +18,6 @@ import torch
 from tiny import TINY_MOE
 
 from moelab.config import make_config
-from moelab.data.tokens import prepare
 from moelab.errors import ConfigError, TrainingError
 from moelab.model.moe import DeepSeekMoE
 from moelab.train.balance import Balancer, expert_balance_loss, maxvio
@@ -31,14 +30,8 @@ MODEL = TINY_MOE                      # tests/support/tiny.py
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("corpus")
-    text = EXCERPT.read_text(encoding="utf-8")
-    for i in range(8):  # eight documents, so the validation split is never empty
-        (src / f"doc{i}.txt").write_text(text[i * 2500:(i + 1) * 2500], encoding="utf-8")
-    out = tmp_path_factory.mktemp("tokens") / "d"
-    prepare([src], out, vocab_size=300, val_docs=2, progress=False)
-    return out
+def data_dir(excerpt_tokens) -> Path:
+    return excerpt_tokens            # conftest.py: the Shakespeare excerpt as a token directory
 
 
 def run_config(data_dir: Path, **train_kw) -> RunConfig:

@@ -198,3 +198,26 @@ def test_cli_esft_train_equals_finetune_esft(setup, tmp_path):
     r = runner.invoke(app, ["esft", "train", str(_toml(tmp_path, setup)), "--experts", str(tmp_path / "missing.json"),
                             "--out", str(tmp_path / "c")])
     assert r.exit_code == 1 and "missing.json" in r.output
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["lora", "esft"])
+def test_finetune_methods_on_the_gpu(setup, tmp_path, gpu, method):
+    """Each method on the GPU: fp32 losses follow the CPU run's; under bf16 autocast it trains."""
+    from moelab.tune.esft import write_expert_config
+
+    extra = {}
+    if method == "esft":
+        ecfg = tmp_path / "expert_cfg.json"
+        write_expert_config({"experts": {"1": [2, 5]}, "shared_experts": False, "non_expert_modules": False}, ecfg)
+        extra["esft.expert_config"] = str(ecfg)
+    finetune(cfg_for(setup, method, **extra, **{"train.device": "cpu"}), tmp_path / "cpu", progress=False)
+    res, _ = finetune(cfg_for(setup, method, **extra, **{"train.device": str(gpu)}), tmp_path / "gpu",
+                      progress=False)
+    assert res.status == "finished"
+    a, b = losses(tmp_path / "cpu"), losses(tmp_path / "gpu")
+    assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) < 1e-3
+    bf, _ = finetune(cfg_for(setup, method, **extra, **{"train.device": str(gpu), "train.dtype": "bfloat16"}),
+                     tmp_path / "bf16", progress=False)
+    c = losses(tmp_path / "bf16")
+    assert bf.status == "finished" and max(abs(a[k] - c[k]) for k in a) < 0.05 * max(a.values())

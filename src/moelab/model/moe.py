@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -15,12 +17,28 @@ from moelab.model.experts import RoutedExperts
 from moelab.model.mlp import SwiGLU
 from moelab.model.router import Router, Routing
 
+_replay = threading.local()
+
+
+@contextmanager
+def replaying() -> Iterator[None]:
+    """Marks forwards run again to recompute activations (activation checkpointing): their routing reaches
+    the observers with ``routing.replay = True``, so loads are not counted twice; an observer that builds a
+    differentiable loss builds it again (the recomputation must save the same tensors) and drops it."""
+    before = getattr(_replay, "on", False)
+    _replay.on = True
+    try:
+        yield
+    finally:
+        _replay.on = before
+
 
 class DeepSeekMoE(nn.Module):
     """forward(x ``[B, T, H]``) -> ``[B, T, H]``.
 
     ``routing_observers`` are called as ``fn(module, routing)`` after every routing decision; the
     training stage uses them to count expert loads (balancing, MaxVio) without touching this file.
+    Inside :func:`replaying` the routing they see has ``replay = True``.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -37,6 +55,7 @@ class DeepSeekMoE(nn.Module):
         x_NH = x.reshape(-1, shape[-1])
         routing = self.gate(x_NH)
         routing.batch_shape = tuple(shape[:-1])
+        routing.replay = getattr(_replay, "on", False)
         for fn in self.routing_observers:
             fn(self, routing)
         y = self.experts(x_NH, routing.indices, routing.weights)

@@ -35,6 +35,7 @@ class Routing:
     scores: torch.Tensor   # [N, E] fp32 unbiased scores s
     logits: torch.Tensor   # [N, E] fp32
     batch_shape: tuple[int, ...] | None = None  # (B, T) when N = B·T tokens came from a batch of sequences
+    replay: bool = False   # a forward run again to recompute activations (moelab.model.moe.replaying)
 
 
 class Router(FP32Buffers):

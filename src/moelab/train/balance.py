@@ -105,14 +105,23 @@ class Balancer:
     # -- observation ----------------------------------------------------------------------------
     def _observe(self, module: DeepSeekMoE, r: Routing) -> None:
         i = self._index[id(module)]
-        with torch.no_grad():
-            counts = torch.bincount(r.indices.reshape(-1), minlength=self.n_experts).to(torch.float64).cpu()
-        if module.training:
-            self.counts[i] += counts
-            if self.wants_aux and torch.is_grad_enabled():
-                self._aux.append(self._aux_loss(r))
-        elif self._measuring:
-            self.eval_counts[i] += counts
+        if r.replay:      # activation checkpointing recomputes: same saved tensors, nothing counted twice
+            if module.training and self.wants_aux and torch.is_grad_enabled():
+                self._aux_loss(r)
+            return
+        if module.training or self._measuring:
+            with torch.no_grad():   # counted where the routing is: no host sync per layer on a GPU
+                counts = torch.bincount(r.indices.reshape(-1), minlength=self.n_experts)
+                target = self.counts if module.training else self.eval_counts
+                if target.device != counts.device:
+                    target = self._move_counts(counts.device, module.training)
+                target[i] += counts
+        if module.training and self.wants_aux and torch.is_grad_enabled():
+            self._aux.append(self._aux_loss(r))
+
+    def _move_counts(self, device: torch.device, training: bool) -> torch.Tensor:
+        self.counts, self.eval_counts = self.counts.to(device), self.eval_counts.to(device)
+        return self.counts if training else self.eval_counts
 
     def _aux_loss(self, r: Routing) -> torch.Tensor:
         c, E = self.cfg, self.n_experts
@@ -157,6 +166,7 @@ class Balancer:
         if dist.is_available() and dist.is_initialized():
             loads = loads.clone()
             dist.all_reduce(loads, op=dist.ReduceOp.SUM)
+        loads = loads.cpu()      # one copy per optimizer step (the counts live where the routing runs)
         per_layer = maxvio(loads) if loads.sum() > 0 else torch.zeros(len(self.layers), dtype=torch.float64)
         c = self.cfg
         if c.freeze_after_tokens is not None and tokens_seen >= c.freeze_after_tokens:
@@ -186,7 +196,7 @@ class Balancer:
             self._measuring = False
 
     def global_stats(self) -> dict:
-        loads = self.eval_counts
+        loads = self.eval_counts.cpu()
         if not self.layers or loads.sum() == 0:
             return {}
         per_layer = maxvio(loads)

@@ -52,7 +52,12 @@ class TrainConfig(_Section):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float = 1.0              # 0 = off
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"   # autocast dtype; weights stay fp32
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"   # compute (autocast) dtype; float16 is refused
+    weights_dtype: Literal["float32", "bfloat16"] = "float32"     # master weights: fp32 (mixed precision, the
+                                        # default) or pure bf16 (half the memory; AdamW updates in bf16)
+    device: str = "auto"                # auto (the GPU when there is one) | cpu | cuda | cuda:N
+    activation_checkpointing: bool = False   # recompute each block in backward: ~1/3 more compute, activations
+                                        # of one block instead of all (moelab.train.checkpointing)
     seed: int = 0
     threads: int | None = None          # torch intra-op threads (None or 0: torch's default)
     keep_host_memory: bool = True       # CPU: glibc keeps freed blocks for reuse (no per-step page faults;
@@ -80,6 +85,12 @@ class TrainConfig(_Section):
             p.append(f"train.lr must be positive (got {self.lr})")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             p.append("train.warmup_steps, grad_clip and weight_decay must not be negative")
+        if self.dtype == "float16":
+            p.append("train.dtype = 'float16' is not supported: fp16 training needs a gradient scaler, which moelab "
+                     "does not have; use 'bfloat16' (the same tensor-core speed on GPUs since Ampere) or 'float32'")
+        if self.weights_dtype == "bfloat16" and self.dtype != "bfloat16":
+            p.append(f"train.weights_dtype = 'bfloat16' computes in bfloat16; set train.dtype = 'bfloat16' "
+                     f"(got {self.dtype!r}), or keep float32 weights")
         if self.threads is not None and self.threads < 0:
             p.append(f"train.threads must be >= 0 (got {self.threads}); 0 or unset uses PyTorch's default")
         if p:

@@ -55,7 +55,11 @@ RUN_ENTRIES = (LOCK, RECORD, CHANGES, "metrics.jsonl", "tb", "checkpoints", "mod
 FREE_SETTINGS = ("train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",
                  "train.keep_last", "train.threads", "train.compile", "train.keep_host_memory",
                  "data.general_path", "model.attn_impl", "model.expert_impl", "model.compile_experts",
-                 "runtime.expert_impl", "runtime.attn_impl", "runtime.compile_experts", "runtime.compile")
+                 "runtime.expert_impl", "runtime.attn_impl", "runtime.compile_experts", "runtime.compile",
+                 "train.device", "train.activation_checkpointing")
+
+#: Settings added after runs may have started, with the value a record without them implies.
+ADDED_SETTINGS = {"train.device": "auto", "train.weights_dtype": "float32", "train.activation_checkpointing": False}
 
 _err = Console(stderr=True)
 
@@ -224,6 +228,8 @@ def record_names(run_dir: Path) -> str:
 def config_differences(old: dict, new: dict) -> dict[str, tuple]:
     """``{key: (old, new)}`` for every flattened setting that differs."""
     a, b = flatten(old), flatten(new)
+    if "train.steps" in a or "train.tokens" in a:     # a run's record: fill in settings it predates
+        a = {**{k: v for k, v in ADDED_SETTINGS.items() if k in b}, **a}
     return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 

@@ -68,21 +68,44 @@ def _diverged(what: str, value: float, step: int, last_ckpt: Path | None, advice
                          f"unchanged). The last good checkpoint is {last_ckpt or '(none yet)'}. Try {advice}")
 
 
+def _out_of_memory(model, tc: TrainConfig, shape, step: int, last_ckpt: Path | None) -> TrainingError:
+    """The message for a device out of memory at ``step`` (the weights are not updated by that step)."""
+    model.zero_grad(set_to_none=True)
+    device = model.device
+    used = ""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        used = f", {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB at the peak"
+    advice = ["train.activation_checkpointing = true"] if not tc.activation_checkpointing else []
+    advice.append(f"a smaller train.batch_size (with a larger train.grad_accum to keep {tc.batch_size * tc.grad_accum}"
+                  " sequences per step)")
+    return TrainingError(
+        f"out of memory on {device} at step {step} with micro-batches of {shape[0]} × {shape[1]} tokens "
+        f"(train.batch_size × data.seq_len{used}); the weights were not updated and the last checkpoint is "
+        f"{last_ckpt or '(none yet)'}. Try {' or '.join(advice)}")
+
+
 def train_step(model, data, balancer: Balancer, optimizer: torch.optim.Optimizer, tc: TrainConfig,
                seq_len: int, step: int, last_ckpt: Path | None = None) -> StepStats:
     """Run optimizer step ``step + 1`` (batches are a pure function of seed, step and micro-batch)."""
     loss_sum, aux = 0.0, 0.0
+    device = model.device
     for micro in range(tc.grad_accum):
         x, y = data.batch(tc.batch_size, seq_len, step, micro, tc.seed)
-        with autocast_ctx(tc.dtype, model.device):
-            logits = model(x).logits
-        loss = lm_loss(logits, y)
-        aux_t = balancer.pop_aux_loss()
-        total = loss if aux_t is None else loss + aux_t
-        if not torch.isfinite(total.detach()):
-            raise _diverged("the loss", float(total.detach()), step + 1, last_ckpt,
-                            "a lower train.lr, train.dtype = 'float32', or a smaller train.grad_clip")
-        (total / tc.grad_accum).backward()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        try:
+            with autocast_ctx(tc.dtype, device):
+                logits = model(x).logits
+            loss = lm_loss(logits, y)
+            del logits
+            aux_t = balancer.pop_aux_loss()
+            total = loss if aux_t is None else loss + aux_t
+            if not torch.isfinite(total.detach()):
+                raise _diverged("the loss", float(total.detach()), step + 1, last_ckpt,
+                                "a lower train.lr, train.dtype = 'float32', or a smaller train.grad_clip")
+            (total / tc.grad_accum).backward()
+        except torch.OutOfMemoryError:
+            raise _out_of_memory(model, tc, x.shape, step + 1, last_ckpt) from None
         loss_sum += float(loss.detach()) / tc.grad_accum
         aux += (float(aux_t.detach()) if aux_t is not None else 0.0) / tc.grad_accum
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -33,7 +33,7 @@ from moelab.data.tokens import TokenData
 from moelab.errors import CheckpointError, TrainingError
 from moelab.interop.checkpoint import load as load_checkpoint_dir
 from moelab.interop.checkpoint import save as save_model
-from moelab.train.loop import Job, RunResult, fit
+from moelab.train.loop import Job, RunResult, check_device, fit
 from moelab.train.run_dir import check_run_dir, note
 from moelab.tune.config import FinetuneConfig
 from moelab.tune.jobs import EsftJob, FullJob, LoraJob, PLoraJob
@@ -116,6 +116,7 @@ def finetune(cfg: FinetuneConfig, run_dir: str | os.PathLike, resume: bool = Fal
     """Fine-tune as configured; returns the run result and a summary (trainable parameters, data, sizes)."""
     run_dir = Path(run_dir)
     check_run_dir(run_dir, resume)         # before loading anything: a refused run costs nothing
+    check_device(cfg.train)
     job, summary = build_job(cfg)
     note(f"data: {summary['train_examples']:,} train / {summary['val_examples']:,} val examples; "
          f"{summary['truncated_examples']:,} truncated and {summary['dropped_examples']:,} dropped (longer "
