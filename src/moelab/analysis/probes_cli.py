@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from moelab.cli_utils import check_out_dir, err, friendly
+from moelab.cli_utils import check_out_dir, err, friendly, resolve_device
 from moelab.errors import ConfigError
 
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:[-–]\s*(\d+))?\s*$")
@@ -122,6 +122,7 @@ def probes(
                                                                   "problems.")] = 4,
     threads: Annotated[int | None, typer.Option(min=1, help="torch threads (default: torch's); use 1 on a "
                                                             "busy machine.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... (auto: cuda when available).")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the best-state summary and steering as "
                                                          "JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
@@ -165,11 +166,13 @@ def probes(
         steer_alphas=tuple(steer_alpha or (2.0,)), steer_n=steer_n, steer_digits=steer_digits)
     settings.validate()
     check_out_dir(out)
+    device = resolve_device(device)
     if threads is not None:
         torch.set_num_threads(threads)
     if not quiet:
         err.print(f"loading {escape(model)} ...")
     lm, tokenizer = load_causal_lm(model)
+    lm.to(device)
     res = run_probes(lm, tokenizer, settings, model_name=model, progress=not quiet, console=err)
     paths = write_results(res, out)
     if as_json:

@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from moelab.cli_utils import check_out_dir, check_out_file, err, friendly
+from moelab.cli_utils import check_out_dir, check_out_file, err, friendly, resolve_device
 from moelab.errors import MoelabError
 
 eval_app = typer.Typer(
@@ -34,8 +34,12 @@ ModelArg = Annotated[str, typer.Argument(help="'smollm2' or a checkpoint directo
                                               "transformers causal LM).", show_default=False)]
 
 
-def _load(spec: str):
-    """``(model, tokenizer)``; transformers' own progress bars and notices are silenced."""
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... (auto: cuda when available).")]
+
+
+def _load(spec: str, device: str = "cpu"):
+    """``(model, tokenizer)`` with the model on ``device`` (checked with :func:`resolve_device` first);
+    transformers' own progress bars and notices are silenced."""
     try:
         import transformers
 
@@ -47,8 +51,9 @@ def _load(spec: str):
 
     t0 = time.perf_counter()
     model, tokenizer = load_causal_lm(spec)
+    model.to(device)
     n = sum(p.numel() for p in model.parameters())
-    err.print(f"loaded {escape(spec)}: {type(model).__name__}, {n / 1e6:.1f}M parameters "
+    err.print(f"loaded {escape(spec)}: {type(model).__name__}, {n / 1e6:.1f}M parameters on {device} "
               f"({time.perf_counter() - t0:.1f} s)", highlight=False)
     return model, tokenizer
 
@@ -70,6 +75,7 @@ def ppl(
     split: Annotated[str, typer.Option(help="Split of a token directory.")] = "val",
     text_field: Annotated[str, typer.Option(help="JSONL field with the text.")] = "text",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    device: DeviceOpt = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Perplexity and bits per byte of MODEL on SOURCE.
@@ -78,8 +84,9 @@ def ppl(
     """
     from moelab.evaluate.perplexity import check_source, perplexity
 
+    device = resolve_device(device)
     check_source(source, split, text_field)
-    m, tok = _load(model)
+    m, tok = _load(model, device)
     t0 = time.perf_counter()
     r = perplexity(m, tok, source, seq_len=seq_len, stride=stride, max_tokens=max_tokens, batch_size=batch_size,
                    split=split, text_field=text_field, progress=not quiet)
@@ -112,13 +119,15 @@ def tasks(
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch.")] = 8,
     samples: Annotated[int, typer.Option(min=0, help="Examples to show.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    device: DeviceOpt = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Accuracy of MODEL on a generation task (greedy, exact match) or a multiple-choice task (log-likelihood)."""
     from moelab.evaluate.harness import evaluate_task, load_task
 
+    device = resolve_device(device)
     rows = load_task(task, n, seed)
-    m, tok = _load(model)
+    m, tok = _load(model, device)
     t0 = time.perf_counter()
     r = evaluate_task(m, tok, rows, normalize=normalize, answer=answer, max_new_tokens=max_new_tokens,
                       batch_size=batch_size, progress=not quiet)
@@ -188,6 +197,7 @@ def ump(
                                                            "built-in ccc-reconstructed-v1.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer budget per problem.")] = 200,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch.")] = 8,
+    device: DeviceOpt = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """UMP-style evaluation: Acc on the originals, Abs (flawed problems flagged), Rel = |solved ∧ flagged| / |solved|.
@@ -208,8 +218,9 @@ def ump(
     check_out_dir(out)
     for m in modes:
         load_template(m, ccc_template)          # a missing or broken --ccc-template fails before the model loads
+    device = resolve_device(device)
     items = read_items(data)[:n] if data is not None else generate_ump(n, seed)
-    m, tok = _load(model)
+    m, tok = _load(model, device)
     t0 = time.perf_counter()
     report = run_ump(m, tok, items, modes, max_new_tokens=max_new_tokens, batch_size=batch_size,
                      ccc_template=ccc_template, progress=not quiet)
