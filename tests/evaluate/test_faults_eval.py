@@ -190,7 +190,8 @@ def test_unavailable_cuda_device(ckpt, text, tmp_path, command):
             "probes": ["analyze", "probes", ckpt, "--out", out, "--n", "10"],
             "ppl": ["eval", "ppl", ckpt, text], "tasks": ["eval", "tasks", ckpt, "--n", "2"],
             "ump": ["eval", "ump", ckpt, "--out", out, "--n", "2"],
-            "generate": ["generate", ckpt, "--prompt", "a"]}.get(command, ["analyze", command, ckpt, text, "--out", out])
+            "generate": ["generate", ckpt, "--prompt", "a"]}.get(command,
+                                                                 ["analyze", command, ckpt, text, "--out", out])
     if command == "esft":
         text.with_suffix(".jsonl").write_text('{"prompt": "1 + 1", "completion": "2"}\n', encoding="utf-8")
     line = invoke(*args, "--device", "cuda:7")
