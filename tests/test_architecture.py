@@ -7,7 +7,7 @@ Layers, lowest first (a module may import its own layer's package and any lower 
     1  config
     2  model
     3  interop (checkpoints, Hugging Face), lm (logits / padding / NLL of any causal LM)
-    4  data, infer
+    4  data, infer, dist (torchrun, meshes, FSDP / expert parallelism, sharded checkpoints, the planner)
     5  train, analysis, evaluate          (siblings: none imports another)
     6  tune, scaling                      (they train: built on train)
     7  the command line: cli.py, cli_utils.py, */cli.py, */*_cli.py
@@ -27,7 +27,7 @@ LAYERS = {
     "config": 1,
     "model": 2,
     "interop": 3, "lm": 3,
-    "data": 4, "infer": 4,
+    "data": 4, "infer": 4, "dist": 4,
     "train": 5, "analysis": 5, "evaluate": 5,
     "tune": 6, "scaling": 6,
     "cli": 7, "cli_utils": 7,
