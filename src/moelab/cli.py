@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from moelab.analysis.analyze_cli import analyze_app
-from moelab.cli_utils import err, friendly
+from moelab.cli_utils import err, friendly, resolve_device
 from moelab.common.atomic import CHECKPOINT, check_output_dir
 from moelab.data.cli import data_app
 from moelab.errors import MoelabError
@@ -194,6 +194,11 @@ def generate(
     bos: Annotated[bool, typer.Option(help="Prepend the BOS token to a text prompt.")] = True,
     dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16 (default: as stored).")] = None,
     as_ids: Annotated[bool, typer.Option("--ids", help="Also print the generated token ids.")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... (auto: cuda when available).")] = "auto",
+    decode: Annotated[str, typer.Option(
+        help="How decode steps run: auto (graph on CUDA, else dynamic), dynamic (growable cache), static "
+             "(preallocated cache), graph (static, each step one CUDA graph), compile (static, torch.compile'd "
+             "layers, a CUDA graph on CUDA; compiles for tens of seconds first).")] = "auto",
 ):
     """Continue a prompt with a checkpoint, streaming the text to the terminal.
 
@@ -206,7 +211,7 @@ def generate(
     import torch
 
     from moelab.data.tokenizer import load_tokenizer
-    from moelab.infer import SamplingConfig
+    from moelab.infer import DECODE_MODES, SamplingConfig
     from moelab.infer import generate as run_generate
     from moelab.interop.checkpoint import load
 
@@ -214,8 +219,13 @@ def generate(
         raise MoelabError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
     if dtype not in (None, "float32", "bfloat16"):
         raise MoelabError(f"--dtype must be float32 or bfloat16 (got {dtype})")
+    dev = resolve_device(device)
+    if decode not in DECODE_MODES:
+        raise MoelabError(f"--decode must be one of {', '.join(DECODE_MODES)} (got {decode})")
+    if decode == "graph" and not dev.startswith("cuda"):
+        raise MoelabError(f"--decode graph captures CUDA graphs; --device is {dev} (use static or compile)")
     sampling = SamplingConfig(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    model = load(checkpoint, dtype=dtype, progress=True)
+    model = load(checkpoint, dtype=dtype, device=dev, progress=True)
     cfg = model.config
     tokenizer = None
     if prompt is not None:
@@ -232,13 +242,13 @@ def generate(
             tokenizer = load_tokenizer(checkpoint)
     if not ids:
         raise MoelabError("the prompt is empty after tokenisation")
-    input_ids = torch.tensor([ids])
+    input_ids = torch.tensor([ids], device=dev)
     streamer = _Streamer(tokenizer) if (stream and tokenizer is not None) else None
     if streamer is not None and prompt is not None:
         sys.stdout.write(prompt)
         sys.stdout.flush()
     out = run_generate(model, input_ids, max_new_tokens, sampling, eos_token_id=cfg.eos_token_id,
-                       on_token=streamer)
+                       on_token=streamer, decode=decode)
     new = out[0, len(ids):].tolist()
     if streamer is not None:
         rest = tokenizer.decode(streamer.ids, skip_special_tokens=True)[streamer.printed:]

@@ -336,7 +336,8 @@ def test_aligned_plan_adds_zero_gate_slots_and_changes_nothing(align):
     ref_grads = torch.autograd.grad(ref, params, g)
     offs = torch.cumsum(plan.rows, 0).to(torch.int32)
     for got in (unpermute(experts._grouped(dispatch(x, plan), plan.rows), plan, 40),
-                FusedGroupedExperts.apply(x, plan.token, plan.gate, offs, experts.gate_up_proj, experts.down_proj)):
+                FusedGroupedExperts.apply(x, plan.token, plan.inverse, plan.gate, offs, experts.gate_up_proj,
+                                          experts.down_proj)):
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         for a, b in zip(torch.autograd.grad(got, params, g, retain_graph=True), ref_grads, strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -6,7 +6,7 @@ S slots (S = M packed, or S = E·C with a capacity C per expert when padded).
     plan  = permute(indices, gates, E)     # which token fills each slot, its gate, rows per expert
     x_SH  = dispatch(x_NH, plan)           # gather the tokens into slots, grouped by expert
     y_SH  = compute(x_SH, plan, kernel)    # any kernel: per-expert loop, grouped GEMM, padded bmm, ...
-    y_NH  = unpermute(y_SH, plan, N)       # gate in fp32, deterministic index_add back to tokens
+    y_NH  = unpermute(y_SH, plan, N)       # gate in fp32, each token's K slots gathered and summed
 
 Expert parallelism puts an all-to-all around ``compute`` (gates never leave the token's rank); a faster
 kernel replaces ``compute``; neither touches the router or the block. Weights live stacked for speed —
@@ -24,6 +24,13 @@ Kernels (``expert_impl``):
   recomputes the rest: the fastest and leanest on one device. It owns the whole permute → compute →
   unpermute sequence, so expert parallelism uses the modular kernels above.
 
+No kernel adds with atomics: ``permute`` keeps the inverse of its stable sort (the slot of each
+(token, k) pair), so the way back — the combine, and dispatch's gradient — gathers each token's K slots
+and sums them (:func:`~moelab.model.expert_ops.sum_slots`): the routing traffic is bitwise reproducible
+on the GPU too, forward and backward (the GEMMs are as reproducible as their libraries). Tensor helpers
+(slot sums, the fp32 gate without fp32 copies, the SwiGLU activations, :class:`PaddedSwiGLU`) live in
+:mod:`moelab.model.expert_ops`.
+
 :func:`choose_kernel` picks the kernel that runs, once per forward: decode steps take ``few_tokens``,
 and a grouped kernel whose operands ``grouped_mm`` refuses gives way to the loop or the padded bmm.
 Each substitution is logged once (INFO; DEBUG for ``few_tokens``) on the ``moelab.model.experts`` logger.
@@ -38,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import ModelConfig
+from moelab.model.expert_ops import PaddedSwiGLU, elementwise, gated, gather_rows, rowdot, sum_slots
 from moelab.model.kernel_choice import KERNELS, KernelChoice, choose_kernel, log_choice  # noqa: F401 (re-exported)
 
 
@@ -49,6 +57,7 @@ class Plan:
     gate: torch.Tensor         # [S] fp32 gate of each slot (0 for padding)
     counts: torch.Tensor       # [E] int64 routed rows per expert
     capacity: int | None       # C when slots are padded to [E, C], None otherwise
+    inverse: torch.Tensor      # [N, K] int64 slot of each (token, k) pair: token's inverse, padding never named
     segments: torch.Tensor | None = None  # [E] slots per expert when padded (C each) or aligned
 
     @property
@@ -68,49 +77,92 @@ grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", Non
 # token 0 with gate 0, so they add exactly zero (and get zero gradient). fp32 (MKL) needs none.
 LOWP_CPU_ALIGN = 16
 
+
 def permute(indices: torch.Tensor, gates: torch.Tensor, n_experts: int, padded: bool = False,
             align: int = 1) -> Plan:
     """Group the N·K routed pairs by expert (stable, so the order is deterministic).
 
     indices, gates ``[N, K]`` -> :class:`Plan` with packed slots (``S = N·K``); if ``padded``,
     ``S = E·C`` slots with ``C = max(counts)``; if ``align > 1``, each expert's group rounded up to a
-    multiple of ``align`` slots.
+    multiple of ``align`` slots. The plan's ``inverse`` is the stable sort's inverse permutation, shifted
+    like the slots (pair ``order[j]`` sits in slot j packed, in ``slot[j]`` padded or aligned): a scatter
+    of unique indices, no second sort.
     """
     N, K = indices.shape
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)                                    # [M]
     counts = torch.bincount(flat, minlength=n_experts)
     token, gate = order // K, gates.reshape(-1)[order].to(torch.float32)
+    slot = torch.arange(flat.numel(), device=flat.device)                       # [M] slot of sorted pair j
     if not padded and align <= 1:
-        return Plan(token, gate, counts, None)
+        return Plan(token, gate, counts, None, _inverse(order, slot, N, K))
     if padded:
         C = int(counts.max())
         seg = torch.full_like(counts, C)
     else:
         C, seg = None, (counts + align - 1) // align * align
     expert = flat[order]                                                        # [M] sorted expert ids
-    slot = (torch.cumsum(seg, 0) - seg)[expert] + torch.arange(flat.numel(), device=flat.device) \
-        - (torch.cumsum(counts, 0) - counts)[expert]
+    slot = (torch.cumsum(seg, 0) - seg)[expert] + slot - (torch.cumsum(counts, 0) - counts)[expert]
     S = int(seg.sum())
     pad_token = N if padded else 0
     token_s = torch.full((S,), pad_token, dtype=torch.long, device=flat.device).index_copy_(0, slot, token)
     gate_s = torch.zeros(S, dtype=torch.float32, device=flat.device).index_copy_(0, slot, gate)
-    return Plan(token_s, gate_s, counts, C, seg)
+    return Plan(token_s, gate_s, counts, C, _inverse(order, slot, N, K), seg)
+
+
+def _inverse(order: torch.Tensor, slot: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """``inverse[order[j]] = slot[j]``, as ``[N, K]``: the slot of each (token, k) pair."""
+    return torch.empty_like(order).scatter_(0, order, slot).view(N, K)
 
 
 def dispatch(x: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """Gather tokens ``[N, H]`` into slots ``[S, H]`` (padding slots read a zero row)."""
-    if plan.capacity is not None:
-        x = torch.cat((x, x.new_zeros(1, x.shape[1])))
-    return torch.index_select(x, 0, plan.token)
+    """Gather tokens ``[N, H]`` into slots ``[S, H]`` (padding slots read a zero row, or token 0 when
+    aligned). Its gradient sums each token's K slot gradients (:func:`sum_slots`): no atomics."""
+    return _Dispatch.apply(x, plan.token, plan.inverse, plan.capacity is not None)
 
 
 def unpermute(y: torch.Tensor, plan: Plan, n_tokens: int) -> torch.Tensor:
-    """Weight each slot's output ``y`` ``[S, H]`` by its gate (in fp32) and sum back into ``[N, H]``."""
-    weighted = (y.to(torch.float32) * plan.gate[:, None]).to(y.dtype)
-    rows = n_tokens + (plan.capacity is not None)                               # + the padding row
-    out = y.new_zeros(rows, y.shape[1]).index_add_(0, plan.token, weighted)
-    return out[:n_tokens]
+    """Weight each slot's output ``y`` ``[S, H]`` by its gate (product in fp32, rounded once to y's dtype)
+    and sum each token's K slots back into ``[N, H]`` (:func:`sum_slots`: a gather, no atomics; padding
+    slots are never read). ``n_tokens`` is N, the rows of ``plan.inverse``."""
+    if plan.inverse.shape[0] != n_tokens:
+        raise ValueError(f"the plan routes {plan.inverse.shape[0]} tokens, not {n_tokens}")
+    return _GatedCombine.apply(y, plan.gate, plan.token, plan.inverse, plan.capacity is not None)
+
+
+class _Dispatch(torch.autograd.Function):
+    """:func:`dispatch`: forward ``x[token]``; backward the adjoint, each token's K slot gradients summed
+    (:func:`sum_slots`) where autograd's ``index_select`` backward would ``index_add_`` them."""
+
+    @staticmethod
+    def forward(ctx, x, token, inverse, padded):
+        ctx.save_for_backward(inverse)
+        return gather_rows(x, token, padded)
+
+    @staticmethod
+    def backward(ctx, d_slots):
+        (inverse,) = ctx.saved_tensors
+        return sum_slots(d_slots, inverse), None, None, None
+
+
+class _GatedCombine(torch.autograd.Function):
+    """:func:`unpermute`: forward ``Σ_k gate·y`` over each token's slots, backward its adjoint — a gather
+    by token (as dispatch), scaled by the gate — and the gate's gradient as an fp32 row dot. One node
+    that saves y in its own dtype, where autograd of ``(y.float() * gate).to(dt)`` kept an fp32 copy."""
+
+    @staticmethod
+    def forward(ctx, y, gate, token, inverse, padded):
+        ctx.save_for_backward(y, gate, token)
+        ctx.padded = padded
+        return sum_slots(gated(y, gate), inverse)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        y, gate, token = ctx.saved_tensors
+        d_w = gather_rows(d_out.to(y.dtype), token, ctx.padded)                  # [S, H]
+        d_gate = rowdot(d_w, y) if ctx.needs_input_grad[1] else None
+        d_y = gated(d_w, gate, inplace=True) if ctx.needs_input_grad[0] else None
+        return d_y, d_gate, None, None, None
 
 
 class RoutedExperts(nn.Module):
@@ -153,10 +205,12 @@ class RoutedExperts(nn.Module):
         if kernel == "fused":
             plan = permute(indices, gates, self.n_experts, align=align)
             offs = torch.cumsum(plan.rows, 0).to(torch.int32)
-            return FusedGroupedExperts.apply(x, plan.token, plan.gate, offs, self.gate_up_proj, self.down_proj,
-                                             self.compile, autocast_dt)
+            return FusedGroupedExperts.apply(x, plan.token, plan.inverse, plan.gate, offs, self.gate_up_proj,
+                                             self.down_proj, self.compile, autocast_dt)
         plan = permute(indices, gates, self.n_experts, padded=kernel == "padded_bmm",
                        align=align if self.impl == "grouped_mm" else 1)
+        if autocast_dt is not None:     # cast the N tokens once, not their N·K slots (the kernels would)
+            x = x.to(autocast_dt)
         y = self.compute(dispatch(x, plan), plan, kernel)
         return unpermute(y, plan, x.shape[0])
 
@@ -212,40 +266,6 @@ class RoutedExperts(nn.Module):
         return y.view(E * C, H)
 
 
-class PaddedSwiGLU(torch.autograd.Function):
-    """E SwiGLU experts over padded slots with a hand-written backward.
-
-    forward(x ``[E, C, H]``, w_gate_up ``[E, 2I, H]``, w_down ``[E, H, I]``) -> ``[E, C, H]``.
-    Saves only x and the gate/up pre-activations h ``[E, C, 2I]`` (autograd would also keep silu(g),
-    u and their product) and writes the gradient of h into one buffer (no chunk/cat round trip).
-    """
-
-    @staticmethod
-    def forward(ctx, x, w_gu, w_down):
-        h = torch.bmm(x, w_gu.transpose(1, 2))                                   # [E, C, 2I]
-        g, u = h.chunk(2, dim=-1)
-        y = torch.bmm(F.silu(g) * u, w_down.transpose(1, 2))                     # [E, C, H]
-        ctx.save_for_backward(x, h, w_gu, w_down)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, h, w_gu, w_down = ctx.saved_tensors
-        I = h.shape[-1] // 2
-        g, u = h[..., :I], h[..., I:]
-        sig = torch.sigmoid(g)
-        silu = g * sig
-        dy = dy.contiguous()
-        da = torch.bmm(dy, w_down)                                                # [E, C, I]
-        d_down = torch.bmm(dy.transpose(1, 2), silu * u)                          # [E, H, I]
-        dh = torch.empty_like(h)
-        torch.mul(da * u, sig * (1 + g * (1 - sig)), out=dh[..., :I])             # d silu(g) / dg
-        torch.mul(da, silu, out=dh[..., I:])
-        d_gu = torch.bmm(dh.transpose(1, 2), x)                                   # [E, 2I, H]
-        dx = torch.bmm(dh, w_gu)                                                  # [E, C, H]
-        return dx, d_gu, d_down
-
-
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype the grouped kernels compute in under autocast (as autocast would for a linear layer:
     ``grouped_mm`` is not on its op lists), or None to keep the inputs'."""
@@ -255,86 +275,54 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(kind)
 
 
-def _gated(a: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """``a · gate`` row-wise with the product in fp32 (in place when ``a`` is fp32 already)."""
-    if a.dtype == torch.float32:
-        return a.mul_(gate[:, None])
-    return (a.to(torch.float32) * gate[:, None]).to(a.dtype)
-
-
-def _act_forward(h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """Gated SwiGLU activation: h ``[M, 2I]`` = [g | u], gate ``[M]`` fp32 -> ``silu(g)·u·gate`` ``[M, I]``."""
-    I = h.shape[1] // 2
-    return _gated(F.silu(h[:, :I]).mul_(h[:, I:]), gate)
-
-
-def _act_backward(h: torch.Tensor, gate: torch.Tensor, da_g: torch.Tensor):
-    """Gradients of :func:`_act_forward`: returns (dh ``[M, 2I]``, d_gate ``[M]`` fp32, the activation
-    ``[M, I]`` recomputed for the down-projection's weight gradient). Few full passes over ``[M, I]``
-    (they are memory-bound): ``silu_backward`` gives d/dg in one, both halves are written in place."""
-    I = h.shape[1] // 2
-    g, u = h[:, :I], h[:, I:]
-    silu = F.silu(g)
-    a = silu * u
-    d_gate = (da_g.to(torch.float32) * a.to(torch.float32)).sum(dim=1)
-    da = _gated(da_g.clone() if da_g.dtype == torch.float32 else da_g, gate)
-    dh = torch.empty_like(h)
-    torch.ops.aten.silu_backward.grad_input(da * u, g, grad_input=dh[:, :I])   # d silu(g)/dg
-    torch.mul(da, silu, out=dh[:, I:])
-    return dh, d_gate, _gated(a, gate)
-
-
-_compiled: dict[str, object] = {}
-
-
-def _elementwise(name: str, compiled: bool):
-    """The eager activation function, or its ``torch.compile`` version (fused into one loop per pass)."""
-    fn = {"forward": _act_forward, "backward": _act_backward}[name]
-    if not compiled:
-        return fn
-    if name not in _compiled:
-        _compiled[name] = torch.compile(fn, dynamic=None)
-    return _compiled[name]
-
-
 class FusedGroupedExperts(torch.autograd.Function):
     """The routed experts of one layer in a single autograd node.
 
-    forward(x ``[N, H]``, token ``[M]`` (slots sorted by expert), gate ``[M]`` fp32, offs ``[E]`` int32
-    (cumulative rows per expert), w_gate_up ``[E, 2I, H]``, w_down ``[E, H, I]``, compiled: bool)
+    forward(x ``[N, H]``, token ``[S]`` (slots sorted by expert), inverse ``[N, K]`` (the slot of each
+    (token, k) pair), gate ``[S]`` fp32, offs ``[E]`` int32 (cumulative rows per expert), w_gate_up
+    ``[E, 2I, H]``, w_down ``[E, H, I]``, compiled: bool, compute_dtype: the autocast dtype or None)
     -> ``[N, H]``::
 
-        x_s = x[token];  h = x_s·W_guᵀ;  a = silu(g)·u·gate;  y_s = a·W_downᵀ;  out = Σ_slots→token y_s
+        x_s = x[token];  h = x_s·W_guᵀ;  a = silu(g)·u·gate;  y_s = a·W_downᵀ;  out[n] = Σ_k y_s[inverse[n, k]]
 
-    The gate scales the ``[M, I]`` activations (fp32 product) instead of the ``[M, H]`` outputs — the
-    same function, half the traffic. Backward keeps only ``h`` (and x, which the router keeps anyway)
-    and recomputes the gather and the activations. With ``compiled`` the elementwise activation math
-    runs through ``torch.compile`` (``compile_experts`` setting).
+    * The gate scales the ``[M, I]`` activations (fp32 product, rounded once) instead of the ``[M, H]``
+      outputs — the same function, half the traffic — by a mixed-dtype multiply, with no fp32 copy of
+      ``[M, I]`` (:func:`~moelab.model.expert_ops.gated`); its gradient likewise (``rowdot``).
+    * The combine gathers each token's K slots and sums them (:func:`~moelab.model.expert_ops.sum_slots`),
+      and so does the backward's dx: no ``index_add_`` atomics, bitwise deterministic on the GPU. The
+      backward's gather of the output gradient into slots stays ``d_out[token]``.
+    * Dtypes: x and the weights are cast to ``compute_dtype`` once (under autocast, as it would for
+      ``nn.Linear``) and saved cast; every other ``.to`` is a no-op in the common case (d_out arrives in
+      the output's dtype); dx is summed straight into x's dtype where the sum can (the gather + sum
+      path), the weight gradients are cast back to the masters' dtype.
+    * Backward keeps only ``h`` (and x, which the router keeps anyway) and recomputes the gather and the
+      activations. With ``compiled`` the elementwise activation math runs through ``torch.compile``
+      (``compile_experts`` setting), which keeps the gate product in fp32 inside its fused loop.
     """
 
     @staticmethod
-    def forward(ctx, x, token, gate, offs, w_gu, w_down, compiled=False, compute_dtype=None):
+    def forward(ctx, x, token, inverse, gate, offs, w_gu, w_down, compiled=False, compute_dtype=None):
         ctx.dtypes = (x.dtype, w_gu.dtype, w_down.dtype)
         if compute_dtype is not None:  # under autocast: compute in its dtype, as it would for nn.Linear
             x, w_gu, w_down = x.to(compute_dtype), w_gu.to(compute_dtype), w_down.to(compute_dtype)
-        x_s = x.index_select(0, token)                                              # [M, H]
-        h = grouped_mm(x_s, w_gu.transpose(1, 2), offs=offs)                        # [M, 2I]
-        a_g = _elementwise("forward", compiled)(h, gate)                            # [M, I]
-        y_s = grouped_mm(a_g, w_down.transpose(1, 2), offs=offs)                    # [M, H]
-        ctx.save_for_backward(x, token, gate, offs, w_gu, w_down, h)
+        x_s = x.index_select(0, token)                                              # [S, H]
+        h = grouped_mm(x_s, w_gu.transpose(1, 2), offs=offs)                        # [S, 2I]
+        a_g = elementwise("forward", compiled)(h, gate)                             # [S, I]
+        y_s = grouped_mm(a_g, w_down.transpose(1, 2), offs=offs)                    # [S, H]
+        ctx.save_for_backward(x, token, inverse, gate, offs, w_gu, w_down, h)
         ctx.compiled = compiled
-        return x.new_zeros(x.shape).index_add_(0, token, y_s)
+        return sum_slots(y_s, inverse)                                              # [N, H]
 
     @staticmethod
     def backward(ctx, d_out):
-        x, token, gate, offs, w_gu, w_down, h = ctx.saved_tensors
+        x, token, inverse, gate, offs, w_gu, w_down, h = ctx.saved_tensors
         x_dt, gu_dt, down_dt = ctx.dtypes
-        dy_s = d_out.to(h.dtype).contiguous().index_select(0, token)                # [M, H]
-        da_g = grouped_mm(dy_s, w_down, offs=offs)                                  # [M, I]
-        dh, d_gate, a_g = _elementwise("backward", ctx.compiled)(h, gate, da_g)
+        dy_s = d_out.to(h.dtype).index_select(0, token)                             # [S, H]
+        da_g = grouped_mm(dy_s, w_down, offs=offs)                                  # [S, I]
+        dh, d_gate, a_g = elementwise("backward", ctx.compiled)(h, gate, da_g)
         d_down = grouped_mm(dy_s.t(), a_g, offs=offs)                               # [E, H, I]
         x_s = x.index_select(0, token)
         d_gu = grouped_mm(dh.t(), x_s, offs=offs)                                   # [E, 2I, H]
-        dx_s = grouped_mm(dh, w_gu, offs=offs)                                      # [M, H]
-        dx = x.new_zeros(x.shape).index_add_(0, token, dx_s)
-        return dx.to(x_dt), None, d_gate, None, d_gu.to(gu_dt), d_down.to(down_dt), None, None
+        dx_s = grouped_mm(dh, w_gu, offs=offs)                                      # [S, H]
+        dx = sum_slots(dx_s, inverse, dtype=x_dt)                                   # [N, H]
+        return dx, None, None, d_gate, None, d_gu.to(gu_dt), d_down.to(down_dt), None, None

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import ModelConfig
-from moelab.model.cache import DecodingCache
+from moelab.model.cache import KVCache
 from moelab.model.rope import apply_rope
 
 
@@ -32,7 +32,7 @@ class GroupedQueryAttention(nn.Module):
         self.o_proj = nn.Linear(N * D, H, bias=cfg.attention_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: DecodingCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         N, G, D = self.n_heads, self.n_kv, self.head_dim
         q = apply_rope(self.q_proj(x).view(B, T, N, D), cos, sin, self.interleave)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import ModelConfig
-from moelab.model.cache import DecodingCache
+from moelab.model.cache import KVCache
 from moelab.model.norm import RMSNorm
 from moelab.model.rope import apply_rope
 
@@ -63,7 +63,7 @@ class MultiHeadLatentAttention(nn.Module):
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: DecodingCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         N = self.n_heads
         q_BTNd = self._query(x).view(B, T, N, self.nope + self.rope)

@@ -9,13 +9,14 @@ Module and parameter names follow Hugging Face's DeepseekV2/V3 (``model.layers.{
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from moelab.config import ModelConfig
-from moelab.model.cache import DecodingCache
+from moelab.model.cache import DecodingCache, KVCache, StaticCache, StaticSlot
 from moelab.model.experts import RoutedExperts
 from moelab.model.mha import GroupedQueryAttention
 from moelab.model.mla import MultiHeadLatentAttention
@@ -29,7 +30,7 @@ from moelab.model.router import Router
 @dataclass
 class LMOutput:
     logits: torch.Tensor                 # [B, T, V]
-    cache: DecodingCache | None = None
+    cache: DecodingCache | StaticCache | None = None
 
 
 def attention_mask_for(T: int, past: int, padding: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -65,7 +66,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -95,12 +96,25 @@ class DeepSeekModel(nn.Module):
             x = layer(x, cos, sin, mask, cache)
         return self.norm(x)
 
+    def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                    slots: list[StaticSlot], run_layer: Callable | None = None) -> torch.Tensor:
+        """One token per row against a static cache: input_ids and position_ids ``[B, 1]``, mask ``[B, 1, 1, L]``
+        over the cache's ``L`` slots (True = attend; the caller hides the slots after the one written now),
+        ``slots`` from :meth:`StaticCache.step_slots` -> hidden ``[B, 1, H]``. Same shapes at every step, no
+        host sync. ``run_layer(layer, x, cos, sin, mask, slot)`` replaces calling the layer (a compiled one)."""
+        cos, sin = self.rotary_emb(position_ids)                          # [B, 1, R/2]
+        x = self.embed_tokens(input_ids)
+        for layer, slot in zip(self.layers, slots, strict=True):
+            x = layer(x, cos, sin, mask, slot) if run_layer is None else run_layer(layer, x, cos, sin, mask, slot)
+        return self.norm(x)
+
 
 class DeepSeekForCausalLM(nn.Module):
     """A DeepSeek-style causal LM (DeepSeekMoE + MLA/MHA + RoPE/YaRN).
 
     forward(input_ids ``[B, T]`` int64, attention_mask ``[B, S]`` or None, position_ids ``[B, T]`` or
-    None, cache :class:`DecodingCache` or None) -> :class:`LMOutput` with ``logits`` ``[B, T, V]``.
+    None, cache :class:`DecodingCache`, :class:`StaticCache` or None) -> :class:`LMOutput` with ``logits``
+    ``[B, T, V]``. :meth:`decode_step` is the fixed-shape one-token step over a :class:`StaticCache`.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -172,8 +186,24 @@ class DeepSeekForCausalLM(nn.Module):
     def new_cache(self) -> DecodingCache:
         return DecodingCache(self.config.num_hidden_layers)
 
+    def new_static_cache(self, batch: int, capacity: int) -> StaticCache:
+        """A :class:`StaticCache` for ``batch`` sequences of up to ``capacity`` tokens (prompt + new), on the
+        model's device in its dtype: ``[B, L, C+R]`` per layer for MLA, K and V ``[B, L, G, D]`` for MHA/GQA."""
+        cfg = self.config
+        if cfg.use_mla:
+            shapes = ((cfg.kv_lora_rank + cfg.qk_rope_head_dim,),)
+        else:
+            shapes = ((cfg.kv_heads, cfg.attn_head_dim),) * 2
+        return StaticCache([shapes] * cfg.num_hidden_layers, batch, capacity, self.dtype, self.device)
+
+    def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                    slots: list[StaticSlot], run_layer: Callable | None = None) -> torch.Tensor:
+        """Logits ``[B, V]`` of one static-cache decode step (:meth:`DeepSeekModel.decode_step`)."""
+        h = self.model.decode_step(input_ids, position_ids, mask, slots, run_layer)
+        return self.lm_head(h[:, -1])
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: DecodingCache | None = None,
+                position_ids: torch.Tensor | None = None, cache: DecodingCache | StaticCache | None = None,
                 logits_to_keep: int = 0) -> LMOutput:
         h = self.model(input_ids, attention_mask, position_ids, cache)
         if logits_to_keep:
