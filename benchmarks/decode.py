@@ -169,7 +169,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=None, help="new tokens (default: tiny 32, v2lite 128)")
     ap.add_argument("--reps", type=int, default=None, help="timed rounds (default: tiny 3, v2lite 1)")
     ap.add_argument("--chunk", type=int, default=512, help="moelab prefill chunk")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads (1: a tiny step is per-op overhead; a second thread only spin-waits)")
     ap.add_argument("--layers", type=int, default=None, help="v2lite with fewer layers (dry runs)")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=None,
                     help="moelab columns (default: all the device runs; compile only on CUDA)")
@@ -251,6 +252,8 @@ def main() -> None:
         for (mode, report) in names:
             if report.get("not_graphed"):
                 notes.append(f"{mode}: not graphed: {report['not_graphed']}")
+            if report.get("not_compiled"):
+                notes.append(f"{mode}: not compiled: {report['not_compiled']}")
             if report.get("setup_s", 0) > 0.5:
                 notes.append(f"{mode}: {report['setup_s']:.1f} s to compile/capture (not timed)")
         labels = [m for m, _ in names] + (["transformers"] if hf is not None and not v2 else [])

@@ -22,9 +22,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from moelab.analysis.analyze_cli import analyze_app
-from moelab.cli_utils import err, friendly, resolve_device
+from moelab.cli_utils import err, friendly, read_model_source, resolve_device
 from moelab.common.atomic import CHECKPOINT, check_output_dir
 from moelab.data.cli import data_app
+from moelab.dist.plan_cli import plan
 from moelab.errors import MoelabError
 from moelab.evaluate.cli import eval_app
 from moelab.scaling.cli import scaling_app
@@ -50,23 +51,6 @@ app.add_typer(scaling_app, name="scaling",
               help="DeepSeek LLM scaling laws: FLOPs per token, LR/batch/model/data for a budget, IsoFLOP sweeps.")
 
 
-def _read_config(path: Path):
-    from moelab.config import load_model_config
-    from moelab.interop.hf_config import read_config_json
-
-    if path.is_dir():
-        return read_config_json(path)
-    if path.suffix == ".json":
-        return read_config_json(path.parent) if path.name == "config.json" else _bad_path(path)
-    if not path.exists():
-        raise MoelabError(f"{path} does not exist; give a TOML config (configs/*.toml) or a checkpoint directory")
-    return load_model_config(path)
-
-
-def _bad_path(path: Path):
-    raise MoelabError(f"{path}: expected a TOML config, a checkpoint directory or its config.json")
-
-
 def _human(n: float) -> str:
     for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= div:
@@ -90,7 +74,7 @@ def info(
     """
     from moelab.model.accounting import model_budget
 
-    cfg = _read_config(path)
+    cfg = read_model_source(path)
     b = model_budget(cfg, seq_len=seq_len)
     if as_json:
         print(json.dumps({"config": str(path), **b.as_dict()}, indent=2))
@@ -311,6 +295,9 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written
     from moelab.train.report import write_report
 
     Console().print(f"wrote {write_report(run_dir)}")
+
+
+app.command()(plan)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ import functools
 import re
 import signal
 import warnings
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -201,3 +202,19 @@ def check_out_file(out, option: str = "--out", example: str = "out.json") -> Non
         raise ConfigError(f"{option} {out}: {base} is a file, not a directory; give a path in a directory")
     if not os.access(base, os.W_OK | os.X_OK):
         raise ConfigError(f"{option} {out}: cannot write in {base} (permission denied); give another path")
+
+
+def read_model_source(path: Path):
+    """A :class:`ModelConfig` from a TOML config (its [model]), a checkpoint directory or its config.json."""
+    from moelab.config import load_model_config
+    from moelab.interop.hf_config import read_config_json
+
+    if path.is_dir():
+        return read_config_json(path)
+    if path.suffix == ".json":
+        if path.name != "config.json":
+            raise MoelabError(f"{path}: expected a TOML config, a checkpoint directory or its config.json")
+        return read_config_json(path.parent)
+    if not path.exists():
+        raise MoelabError(f"{path} does not exist; give a TOML config (configs/*.toml) or a checkpoint directory")
+    return load_model_config(path)

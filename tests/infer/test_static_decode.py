@@ -200,3 +200,16 @@ def test_inductor_compiled_step_matches_eager(tiny_config):
     assert report["mode"] == "compile" and report["graph"] is False
     assert_logits_close(step_logits(model, ids, ref[:, 6:-1], static=True, compile=True),
                         step_logits(model, ids, ref[:, 6:-1]))
+
+
+def test_a_step_dynamo_cannot_compile_runs_eagerly(tiny_config):
+    def failing_backend(gm, example_inputs):
+        raise RuntimeError("no kernels today")
+
+    model = build(tiny_config)
+    ids = torch.randint(2, 320, (2, 6))
+    feed = generate(model, ids, 5, decode="dynamic")[:, 6:-1]
+    decoders = []
+    got = step_logits(model, ids, feed, static=True, decoders=decoders, compile=True, backend=failing_backend)
+    assert decoders[0].run_layer is None and "no kernels today" in decoders[0].not_compiled
+    assert_logits_close(got, step_logits(model, ids, feed))

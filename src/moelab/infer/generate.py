@@ -37,7 +37,8 @@ def generate(model: DeepSeekForCausalLM, input_ids: torch.Tensor, max_new_tokens
     step unless ``eos_token_id`` is set (then one flag per step), and check that the logits are finite at those
     reads and at the end rather than before each draw. ``report``, if given, receives ``mode`` (the mode
     that ran), ``graph`` (whether steps replayed a CUDA graph), ``not_graphed`` (why not, when one was asked
-    for) and ``setup_s`` (seconds spent compiling / capturing after the prefill).
+    for), ``not_compiled`` (why ``compile`` runs eagerly, if it does) and ``setup_s`` (seconds spent compiling /
+    capturing after the prefill).
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise MoelabError(f"input_ids must be [batch, tokens] with at least one token (got {tuple(input_ids.shape)})")
@@ -72,6 +73,7 @@ def generate(model: DeepSeekForCausalLM, input_ids: torch.Tensor, max_new_tokens
     if report is not None:
         report.update(mode=mode, graph=decoder is not None and decoder.graph is not None,
                       not_graphed=None if decoder is None else decoder.not_graphed,
+                      not_compiled=None if decoder is None else decoder.not_compiled,
                       setup_s=time.perf_counter() - t0)
     out = [input_ids]
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

@@ -52,10 +52,10 @@ def _run_layer(layer: DecoderLayer, x, cos, sin, mask, slot):
     return layer(x, cos, sin, mask, slot)
 
 
-_compiled: dict[str, Callable] = {}
+_compiled: dict[str | Callable, Callable] = {}
 
 
-def compiled_layer(backend: str = "inductor") -> Callable:
+def compiled_layer(backend: str | Callable = "inductor") -> Callable:
     """``_run_layer`` through ``torch.compile``, made once per process and backend: its code is shared by every
     layer, so one compilation serves all layers of a kind (dense, MoE) and later calls of the same shapes.
 
@@ -91,13 +91,14 @@ class StaticDecoder:
     ``padding`` ``[B, T]`` (1 = token, 0 = left padding) is the prompt's mask, or None. The step's inputs live
     in fixed device tensors (the fed tokens, each row's RoPE position, the cache slot); the step writes the slot,
     attends under ``key_mask & (slot index <= position)`` and advances the positions, all on the device.
-    With ``compile`` each layer runs through ``torch.compile`` (``backend``); with ``graph`` the step is captured
+    With ``compile`` each layer runs through ``torch.compile`` (``backend``; if tracing fails, eagerly, with the
+    reason in :attr:`not_compiled`); with ``graph`` the step is captured
     once (after warm-up runs that must not sync with the host) and every call replays it; the returned logits
     are then a buffer the next call overwrites.
     """
 
     def __init__(self, model: DeepSeekForCausalLM, cache: StaticCache, padding: torch.Tensor | None, *,
-                 compile: bool = False, graph: bool = False, backend: str = "inductor"):
+                 compile: bool = False, graph: bool = False, backend: str | Callable = "inductor"):
         self.model, self.cache = model, cache
         B, T, L, dev = cache.batch, cache.seq_len, cache.capacity, model.device
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=dev)
@@ -115,12 +116,13 @@ class StaticDecoder:
         if python is not None:
             self.not_graphed = f"{python}: the step runs eagerly"
             compile = graph = False
-        self.run_layer = compiled_layer(backend) if compile else None
+        self.not_compiled: str | None = None                                  # why a requested compile is not used
+        self.run_layer = None
         self.logits: torch.Tensor | None = None
+        if compile:
+            self._compile(backend)
         if graph:
             self._capture()
-        elif compile:
-            self._warm()                                                      # compile now, not in the first step
         if self.not_graphed is not None:
             log.info("decode step not captured as a CUDA graph: %s", self.not_graphed)
 
@@ -142,10 +144,22 @@ class StaticDecoder:
 
         return restore
 
-    def _warm(self) -> None:
+    def _compile(self, backend: str | Callable) -> None:
+        """Compile now (one step, then the state put back), not in the first timed step. A model dynamo cannot
+        trace (e.g. an op whose shape rules refuse inputs its eager kernel takes: ``grouped_mm`` in fp32 on the
+        CPU) runs eagerly instead."""
+        self.run_layer = compiled_layer(backend)
         restore = self._saved_state()
-        self._step()
-        restore()
+        try:
+            self._step()
+        except torch._dynamo.exc.TorchDynamoException as e:
+            self.run_layer = None
+            cause = getattr(e, "inner_exception", None) or e.__cause__ or e     # the backend's own error
+            first = (str(cause).strip().splitlines() or [""])[0]
+            self.not_compiled = f"torch.compile failed ({type(e).__name__}: {type(cause).__name__}: {first})"
+            log.warning("decode step not compiled, running eagerly: %s", self.not_compiled)
+        finally:
+            restore()
 
     def _capture(self, warmup: int = 2) -> None:
         """Warm up on a side stream (compiles, cuBLAS workspaces; the last run refuses host syncs), capture one

@@ -115,10 +115,11 @@ def _inverse(order: torch.Tensor, slot: torch.Tensor, N: int, K: int) -> torch.T
     return torch.empty_like(order).scatter_(0, order, slot).view(N, K)
 
 
-def dispatch(x: torch.Tensor, plan: Plan) -> torch.Tensor:
+def dispatch(x: torch.Tensor, plan: Plan, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Gather tokens ``[N, H]`` into slots ``[S, H]`` (padding slots read a zero row, or token 0 when
-    aligned). Its gradient sums each token's K slot gradients (:func:`sum_slots`): no atomics."""
-    return _Dispatch.apply(x, plan.token, plan.inverse, plan.capacity is not None)
+    aligned), cast to ``dtype`` first if given (the N tokens once, not their S slots). Its gradient sums
+    each token's K slot gradients (:func:`sum_slots`, no atomics) into x's own dtype."""
+    return _Dispatch.apply(x, plan.token, plan.inverse, plan.capacity is not None, dtype)
 
 
 def unpermute(y: torch.Tensor, plan: Plan, n_tokens: int) -> torch.Tensor:
@@ -132,17 +133,19 @@ def unpermute(y: torch.Tensor, plan: Plan, n_tokens: int) -> torch.Tensor:
 
 class _Dispatch(torch.autograd.Function):
     """:func:`dispatch`: forward ``x[token]``; backward the adjoint, each token's K slot gradients summed
-    (:func:`sum_slots`) where autograd's ``index_select`` backward would ``index_add_`` them."""
+    (:func:`sum_slots`) where autograd's ``index_select`` backward would ``index_add_`` them — summed into
+    x's dtype (fp32 under autocast) straight from the compute-dtype slots where sum_slots can."""
 
     @staticmethod
-    def forward(ctx, x, token, inverse, padded):
+    def forward(ctx, x, token, inverse, padded, dtype):
         ctx.save_for_backward(inverse)
-        return gather_rows(x, token, padded)
+        ctx.x_dtype = x.dtype
+        return gather_rows(x if dtype is None else x.to(dtype), token, padded)
 
     @staticmethod
     def backward(ctx, d_slots):
         (inverse,) = ctx.saved_tensors
-        return sum_slots(d_slots, inverse), None, None, None
+        return sum_slots(d_slots, inverse, dtype=ctx.x_dtype), None, None, None, None
 
 
 class _GatedCombine(torch.autograd.Function):
@@ -209,9 +212,8 @@ class RoutedExperts(nn.Module):
                                              self.down_proj, self.compile, autocast_dt)
         plan = permute(indices, gates, self.n_experts, padded=kernel == "padded_bmm",
                        align=align if self.impl == "grouped_mm" else 1)
-        if autocast_dt is not None:     # cast the N tokens once, not their N·K slots (the kernels would)
-            x = x.to(autocast_dt)
-        y = self.compute(dispatch(x, plan), plan, kernel)
+        # under autocast: cast the N tokens once, not their N·K slots (the kernels would)
+        y = self.compute(dispatch(x, plan, autocast_dt), plan, kernel)
         return unpermute(y, plan, x.shape[0])
 
     def compute(self, x_slots: torch.Tensor, plan: Plan, kernel: str) -> torch.Tensor:
