@@ -11,6 +11,7 @@ Errors a user can cause are printed as one line on stderr with a non-zero exit s
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -261,14 +262,18 @@ def train(
 
     Prepare data first (moelab data prepare shakespeare --out runs/data/shakespeare). Writes
     RUN_DIR/metrics.jsonl, TensorBoard events (RUN_DIR/tb), checkpoints (RUN_DIR/checkpoints/step-N, each
-    a Hugging Face model plus the training state) and RUN_DIR/report/ (loss, MaxVio and expert-load
-    plots, summary.md). Ctrl-C writes a checkpoint and stops; --resume continues exactly (changed settings
-    are shown and refused unless --allow-config-change). --out must be new or empty, or hold a run; one
+    a Hugging Face model plus the training state; sharded under torchrun) and RUN_DIR/report/ (loss,
+    MaxVio and expert-load plots, summary.md). Ctrl-C writes a checkpoint and stops; --resume continues
+    exactly (changed settings are shown and refused unless --allow-config-change). --out must be new or empty, or hold a run; one
     process at a time may train in it.
 
         moelab train configs/tiny.toml --set train.steps=300
 
         moelab train configs/tiny.toml --out runs/tiny --resume
+
+    On several processes or GPUs, launch with torchrun; [parallel] sets the mesh (dp × ep = processes):
+
+        torchrun --nproc_per_node=4 -m moelab train configs/tiny.toml --set parallel.ep=2
     """
     from moelab.train.config import load_run_config
     from moelab.train.loop import train as run_train
@@ -276,6 +281,8 @@ def train(
     cfg = load_run_config(config, overrides or [])
     run_dir = out or Path("runs") / config.stem
     result = run_train(cfg, run_dir, resume=resume, progress=progress, allow_config_change=allow_config_change)
+    if os.environ.get("RANK", "0") != "0":      # under torchrun rank 0 reports for the job
+        raise typer.Exit(130 if result.status == "interrupted" else 0)
     ev = result.last_eval
     line = f"step {result.step}, {result.tokens:,} tokens"
     if ev:
@@ -285,7 +292,16 @@ def train(
         err.print(f"interrupted: checkpoint {result.checkpoint}; continue with --resume")
         raise typer.Exit(130)
     Console().print(f"{line}\nreport: {result.run_dir / 'report' / 'summary.md'}\n"
-                    f"checkpoint: {result.checkpoint / 'model' if result.checkpoint else '-'}")
+                    f"checkpoint: {_final_model(result)}")
+
+
+def _final_model(result) -> str:
+    """Where the trained model opens: the checkpoint's model/, or RUN_DIR/model for a sharded run."""
+    if result.checkpoint is None:
+        return "-"
+    from moelab.dist.checkpoint import is_sharded
+
+    return str(result.run_dir / "model" if is_sharded(result.checkpoint) else result.checkpoint / "model")
 
 
 @app.command()

@@ -6,6 +6,7 @@ Kept apart from :mod:`moelab.cli` so that sub-apps can use them while ``cli.py``
 from __future__ import annotations
 
 import functools
+import os
 import re
 import signal
 import warnings
@@ -112,8 +113,9 @@ def friendly(fn):
             try:
                 return _noting_full_disk(fn, *args, **kwargs)
             except MoelabError as e:
-                err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-                raise typer.Exit(1) from None
+                if not (getattr(e, "agreed", False) and os.environ.get("RANK", "0") != "0"):
+                    err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None     # (an error every torchrun rank raised alike: rank 0 says it)
             except KeyboardInterrupt:
                 _ignore_further_interrupts()
                 err.print("interrupted")
@@ -122,8 +124,26 @@ def friendly(fn):
                 if e.exit_code == 130:        # a command that stopped cleanly on Ctrl-C
                     _ignore_further_interrupts()
                 raise
+            except Exception as e:
+                if not _is_lost_rank(e):
+                    raise
+                err.print(f"[bold red]error:[/] {escape(_lost_rank_message(e))}", highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _is_lost_rank(e: BaseException) -> bool:
+    """A torch.distributed failure (a peer process died or a collective timed out)."""
+    return any(c.__name__ in ("DistError", "DistBackendError", "DistNetworkError") for c in type(e).__mro__)
+
+
+def _lost_rank_message(e: BaseException) -> str:
+    rank = os.environ.get("RANK", "?")
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    return (f"rank {rank}: a collective with the other ranks failed ({first}). Another rank stopped or timed out "
+            "(torchrun's summary names it; parallel.timeout_s bounds the wait). Checkpoints are written whole or "
+            "not at all: continue from the last one with `moelab train CONFIG --out RUN_DIR --resume`")
 
 
 def _ignore_further_interrupts() -> None:

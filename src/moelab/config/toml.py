@@ -62,8 +62,9 @@ def make_config(values: dict[str, Any], where: str = "[model]") -> ModelConfig:
         raise ConfigError(format_validation_error(e, where, ModelConfig)) from None
 
 
-#: Top-level TOML sections moelab knows: the model, and the pre-training stage (moelab.train.config).
-KNOWN_SECTIONS = {"model", "data", "train", "balance", "runtime"}
+#: Top-level TOML sections moelab knows: the model, the pre-training stage (moelab.train.config) and the
+#: torchrun layout (moelab.dist.mesh).
+KNOWN_SECTIONS = {"model", "data", "train", "balance", "runtime", "parallel"}
 
 
 def read_toml(path: str | Path, sections: set[str] = KNOWN_SECTIONS, require_model: bool = True) -> dict[str, Any]:

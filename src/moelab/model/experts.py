@@ -191,7 +191,7 @@ class RoutedExperts(nn.Module):
         stored dtype of x and the weights (fp32 master weights): the kernel is chosen for that dtype."""
         if x.shape[0] == 0:                     # no tokens (an empty batch): nothing to route
             return x.new_zeros(x.shape)
-        autocast_dt = _autocast_dtype(x)
+        autocast_dt = autocast_dtype(x)
         dt = autocast_dt or x.dtype
         choice = choose_kernel(self.impl, device_type=x.device.type, dtype=dt,
                                grad_enabled=torch.is_grad_enabled(), n_tokens=x.shape[0], n_routed=indices.numel(),
@@ -250,7 +250,7 @@ class RoutedExperts(nn.Module):
 
     def _grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        dt = _autocast_dtype(x_sorted) or x_sorted.dtype      # grouped_mm is not covered by autocast
+        dt = autocast_dtype(x_sorted) or x_sorted.dtype      # grouped_mm is not covered by autocast
         h = grouped_mm(x_sorted.to(dt), self.gate_up_proj.to(dt).transpose(1, 2), offs=offs)     # [M, 2I]
         gate, up = h.chunk(2, dim=-1)
         return grouped_mm(F.silu(gate) * up, self.down_proj.to(dt).transpose(1, 2), offs=offs)
@@ -258,7 +258,7 @@ class RoutedExperts(nn.Module):
     def _padded(self, x_slots: torch.Tensor, C: int) -> torch.Tensor:
         E, H = self.n_experts, x_slots.shape[1]
         w_gu, w_down = self.gate_up_proj, self.down_proj
-        dt = _autocast_dtype(x_slots)
+        dt = autocast_dtype(x_slots)
         if dt is not None:
             # PaddedSwiGLU's backward runs outside autocast: hand it operands of one dtype (the casts
             # carry the gradients back to fp32 master weights) and keep autocast out of its forward
@@ -268,7 +268,7 @@ class RoutedExperts(nn.Module):
         return y.view(E * C, H)
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype the grouped kernels compute in under autocast (as autocast would for a linear layer:
     ``grouped_mm`` is not on its op lists), or None to keep the inputs'."""
     kind = x.device.type

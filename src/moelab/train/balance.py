@@ -6,7 +6,7 @@ Legend: L MoE layers, E routed experts, K experts per token, N tokens (= B·T), 
         c = expert assignment counts summed over every micro-batch of the step (and over data-parallel
         ranks); step t+1 routes with the bias built from step t's loads — a batch never sees its own.
     expert-level aux loss (2401.06066 eq. 12-14):  α·Σ_i f_i·P_i,
-        f_i = E/(K·N)·Σ_t 1[t→i],   P_i = (1/N)·Σ_t s'_{i,t}
+        f_i = E/(K·N)·Σ_t 1[t→i],   P_i = (1/N)·Σ_t s'_{i,t}     (f over the global batch under torchrun)
     sequence-wise (2412.19437 §2.1.2): the same per sequence (N = T), averaged over the batch
     device-level: f'_d = mean_{i∈d} f_i,  P'_d = Σ_{i∈d} P_i,  α₂·Σ_d f'_d·P'_d
     MaxVio = (max_i load_i − mean load) / mean load, averaged over MoE layers
@@ -40,18 +40,32 @@ def _normalised_scores(r: Routing) -> torch.Tensor:
     return s / s.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
 
-def expert_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """``Σ_i f_i·P_i`` for one group of tokens: scores ``[N, E]`` (normalised), indices ``[N, K]``."""
+def load_fractions(indices: torch.Tensor, n_experts: int, dtype: torch.dtype,
+                   across_ranks: bool = False) -> torch.Tensor:
+    """``f_i = E/(K·N)·Σ_t 1[t→i]`` ``[E]`` for indices ``[N, K]`` (no gradient). ``across_ranks``: counts
+    and N summed over every rank of a torchrun job (the global batch; one all-reduce)."""
     N, K = indices.shape
-    counts = torch.bincount(indices.reshape(-1), minlength=n_experts).to(scores.dtype)
-    f = counts * n_experts / (K * N)
+    counts = torch.bincount(indices.reshape(-1), minlength=n_experts).to(torch.float64)
+    if across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        counts = torch.cat([counts, counts.new_tensor([N])])
+        dist.all_reduce(counts)
+        counts, N = counts[:-1], float(counts[-1])
+    return (counts * n_experts / (K * N)).to(dtype)
+
+
+def expert_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int,
+                        across_ranks: bool = False) -> torch.Tensor:
+    """``Σ_i f_i·P_i`` for one group of tokens: scores ``[N, E]`` (normalised), indices ``[N, K]``.
+
+    ``across_ranks``: f over the global batch, P over this rank's tokens. With every rank's loss averaged
+    (data-parallel gradients are means), the gradient is that of ``Σ_i f_i·P_i`` with both global."""
+    f = load_fractions(indices, n_experts, scores.dtype, across_ranks)
     return (f * scores.mean(dim=0)).sum()
 
 
-def device_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int, n_devices: int) -> torch.Tensor:
-    N, K = indices.shape
-    counts = torch.bincount(indices.reshape(-1), minlength=n_experts).to(scores.dtype)
-    f = (counts * n_experts / (K * N)).view(n_devices, -1).mean(dim=1)
+def device_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int, n_devices: int,
+                        across_ranks: bool = False) -> torch.Tensor:
+    f = load_fractions(indices, n_experts, scores.dtype, across_ranks).view(n_devices, -1).mean(dim=1)
     P = scores.mean(dim=0).view(n_devices, -1).sum(dim=1)
     return (f * P).sum()
 
@@ -129,11 +143,11 @@ class Balancer:
         loss = s.new_zeros(())
         if c.method == "aux_loss":
             if c.aux_kind == "expert" and c.aux_alpha > 0:
-                loss = loss + c.aux_alpha * expert_balance_loss(s, r.indices, E)
+                loss = loss + c.aux_alpha * expert_balance_loss(s, r.indices, E, across_ranks=True)
             elif c.aux_kind == "sequence" and c.aux_alpha > 0:
                 loss = loss + c.aux_alpha * self._sequence_loss(r, s)
             if c.device_alpha > 0 and c.n_devices > 1:
-                loss = loss + c.device_alpha * device_balance_loss(s, r.indices, E, c.n_devices)
+                loss = loss + c.device_alpha * device_balance_loss(s, r.indices, E, c.n_devices, across_ranks=True)
         if c.seq_aux_alpha > 0:
             loss = loss + c.seq_aux_alpha * self._sequence_loss(r, s)
         return loss
@@ -196,7 +210,11 @@ class Balancer:
             self._measuring = False
 
     def global_stats(self) -> dict:
-        loads = self.eval_counts.cpu()
+        loads = self.eval_counts
+        if dist.is_available() and dist.is_initialized():     # every rank counted its share of the data
+            loads = loads.clone()
+            dist.all_reduce(loads, op=dist.ReduceOp.SUM)
+        loads = loads.cpu()
         if not self.layers or loads.sum() == 0:
             return {}
         per_layer = maxvio(loads)

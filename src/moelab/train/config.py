@@ -13,6 +13,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from moelab.config import ModelConfig, RuntimeSettings, format_validation_error, read_toml
+from moelab.dist.mesh import ParallelConfig
 from moelab.errors import ConfigError
 
 
@@ -147,6 +148,7 @@ class RunConfig(BaseModel):
     train: TrainConfig
     balance: BalanceConfig = BalanceConfig()
     runtime: RuntimeSettings = RuntimeSettings()
+    parallel: ParallelConfig = ParallelConfig()    # torchrun jobs: dp × ep (moelab.dist.mesh)
 
     @model_validator(mode="after")
     def _apply_runtime(self):

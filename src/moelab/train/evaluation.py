@@ -14,6 +14,8 @@ from contextlib import nullcontext
 
 import torch
 
+from moelab.dist.mesh import ParallelState
+from moelab.dist.wrap import all_sum
 from moelab.errors import TrainingError
 from moelab.lm.nll import token_nll
 from moelab.train.balance import Balancer
@@ -22,19 +24,27 @@ from moelab.train.step import autocast_ctx
 
 @torch.no_grad()
 def evaluate(model, data, batch_size: int, seq_len: int, max_batches: int, dtype: str,
-             balancer: Balancer | None = None) -> dict:
-    """Validation loss (nats/token), perplexity, bits per byte and MaxVio_global."""
+             balancer: Balancer | None = None, ps: ParallelState | None = None) -> dict:
+    """Validation loss (nats/token), perplexity, bits per byte and MaxVio_global.
+
+    Under torchrun each rank scores its rows of every batch (possibly none of a short last batch: it still
+    joins the forward's collectives) and the sums are added over ranks."""
+    ps = ps or ParallelState.single(model.device)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     ctx = balancer.measure() if balancer is not None else nullcontext()
     with ctx:
         for x, y in data.eval_batches(batch_size, seq_len, max_batches):
-            with autocast_ctx(dtype, model.device):
-                logits = model(x.to(model.device)).logits
-            y = y.to(model.device)
+            if ps.distributed:
+                x, y = x.tensor_split(ps.world)[ps.rank], y.tensor_split(ps.world)[ps.rank]
+            with autocast_ctx(dtype, ps.device):
+                logits = model(x.to(ps.device)).logits
+            y = y.to(ps.device)
             s, n = token_nll(logits, y)
             total, count = total + s, count + n
+        total, count = all_sum([total, count], ps)
+        count = int(count)
     model.train(was_training)
     if count == 0:
         raise TrainingError("the validation split is too small for one evaluation window; "

@@ -40,6 +40,16 @@ class MetricsLog:
             self.tb.close()
 
 
+class NoLog:
+    """The log of a rank other than 0 under torchrun: rank 0 writes the job's metrics."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop lines logged after the checkpoint step (they will be logged again)."""
     if not path.is_file():

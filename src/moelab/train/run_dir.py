@@ -56,10 +56,14 @@ FREE_SETTINGS = ("train.log_every", "train.eval_every", "train.eval_batches", "t
                  "train.keep_last", "train.threads", "train.compile", "train.keep_host_memory",
                  "data.general_path", "model.attn_impl", "model.expert_impl", "model.compile_experts",
                  "runtime.expert_impl", "runtime.attn_impl", "runtime.compile_experts", "runtime.compile",
-                 "train.device", "train.activation_checkpointing")
+                 "train.device", "train.activation_checkpointing",
+                 # the layout of a torchrun job: a sharded checkpoint reshards to any other
+                 "parallel.dp", "parallel.ep", "parallel.data_parallel", "parallel.backend", "parallel.timeout_s")
 
 #: Settings added after runs may have started, with the value a record without them implies.
-ADDED_SETTINGS = {"train.device": "auto", "train.weights_dtype": "float32", "train.activation_checkpointing": False}
+ADDED_SETTINGS = {"train.device": "auto", "train.weights_dtype": "float32", "train.activation_checkpointing": False,
+                  "parallel.dp": None, "parallel.ep": 1, "parallel.data_parallel": "fsdp", "parallel.backend": "auto",
+                  "parallel.timeout_s": 300.0}
 
 _err = Console(stderr=True)
 

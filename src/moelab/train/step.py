@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from moelab.dist.mesh import ParallelState
+from moelab.dist.wrap import clip_grad_norm, sync_expert_grads
 from moelab.errors import TrainingError
 from moelab.lm.nll import lm_loss
 from moelab.train.balance import Balancer
@@ -86,12 +88,19 @@ def _out_of_memory(model, tc: TrainConfig, shape, step: int, last_ckpt: Path | N
 
 
 def train_step(model, data, balancer: Balancer, optimizer: torch.optim.Optimizer, tc: TrainConfig,
-               seq_len: int, step: int, last_ckpt: Path | None = None) -> StepStats:
-    """Run optimizer step ``step + 1`` (batches are a pure function of seed, step and micro-batch)."""
+               seq_len: int, step: int, last_ckpt: Path | None = None, ps: ParallelState | None = None
+               ) -> StepStats:
+    """Run optimizer step ``step + 1`` (batches are a pure function of seed, step and micro-batch).
+
+    Under torchrun (``ps``) each rank trains on its rows of the same global micro-batch, so the batches do
+    not depend on the world size; the returned losses are this rank's (the caller averages them)."""
+    ps = ps or ParallelState.single(model.device)
     loss_sum, aux = 0.0, 0.0
-    device = model.device
+    device = ps.device
     for micro in range(tc.grad_accum):
         x, y = data.batch(tc.batch_size, seq_len, step, micro, tc.seed)
+        if ps.distributed:
+            x, y = x[ps.rows(tc.batch_size)], y[ps.rows(tc.batch_size)]
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         try:
             with autocast_ctx(tc.dtype, device):
@@ -108,9 +117,9 @@ def train_step(model, data, balancer: Balancer, optimizer: torch.optim.Optimizer
             raise _out_of_memory(model, tc, x.shape, step + 1, last_ckpt) from None
         loss_sum += float(loss.detach()) / tc.grad_accum
         aux += (float(aux_t.detach()) if aux_t is not None else 0.0) / tc.grad_accum
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    sync_expert_grads(model, ps)
     # max_norm=inf measures without clipping (the norm is checked, and logged, either way)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip if tc.grad_clip > 0 else math.inf))
+    grad_norm = clip_grad_norm(model, tc.grad_clip if tc.grad_clip > 0 else math.inf, ps)
     if not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise _diverged("the gradient norm", grad_norm, step + 1, last_ckpt,

@@ -1,0 +1,152 @@
+"""Training under torchrun equals training in one process: 2-rank DP (FSDP2 and DDP), 2-rank EP, and a
+4-rank dp 2 × ep 2 mesh run 10 optimizer steps of the tiny MoE (fp32, gloo processes on the CPU) on the
+same global batches as a one-process run; the logged losses agree within 1e-5, the loss-free bias is
+bit-identical on every rank and equal to the one-process bias, auxiliary losses are global. The real
+entry point (``torchrun -m moelab train``) is run once, and a bad ``[parallel]`` section fails the same
+way on every rank."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ranks import run_ranks
+from tiny import TINY_MOE, tiny_config
+
+from moelab.dist.mesh import ParallelConfig
+from moelab.train.config import BalanceConfig, DataConfig, RunConfig, TrainConfig
+from moelab.train.loop import train
+
+STEPS = 10
+
+
+def run_config(data: Path, parallel: dict | None = None, balance: dict | None = None, **train_kw) -> RunConfig:
+    tc = dict(steps=STEPS, batch_size=4, lr=3e-3, warmup_steps=2, dtype="float32", device="cpu", log_every=1,
+              eval_every=STEPS, eval_batches=2, ckpt_every=STEPS, keep_last=2, threads=1)
+    return RunConfig(model=tiny_config(), data=DataConfig(path=str(data), seq_len=32),
+                     train=TrainConfig(**{**tc, **train_kw}), balance=BalanceConfig(**(balance or {})),
+                     parallel=ParallelConfig(**(parallel or {})))
+
+
+def _rank_worker(rank: int, world: int, cfg_json: str, run_dir: str) -> dict:
+    cfg = RunConfig.model_validate_json(cfg_json)
+    losses, evals = [], []
+    import moelab.train.loop as loop
+
+    built = {}
+    original = loop.Trainer.__init__
+
+    def remember(self, *a, **k):   # keep the trainer's model to read its routing biases afterwards
+        original(self, *a, **k)
+        built["model"] = self.model
+
+    loop.Trainer.__init__ = remember
+    train(cfg, run_dir, progress=False, on_event=lambda kind, rec: (losses if kind == "log" else evals).append(rec))
+    biases = [m.gate.e_score_correction_bias.clone() for m in built["model"].modules()
+              if hasattr(m, "gate") and getattr(m.gate, "e_score_correction_bias", None) is not None]
+    return {"loss": [r["loss"] for r in losses], "aux": [r["aux_loss"] for r in losses],
+            "maxvio": [r["maxvio_batch"] for r in losses], "val": [r["val_loss"] for r in evals],
+            "bias": biases}
+
+
+def _one_process(cfg: RunConfig, run_dir: Path) -> dict:
+    """The reference run, in a fresh process too (nothing left behind by earlier tests in this one)."""
+    return run_ranks(_rank_worker, 1, cfg.model_dump_json(), str(run_dir))[0]
+
+
+def _compare(ref: dict, got: list[dict]) -> None:
+    for r in got:
+        assert len(r["loss"]) == STEPS
+        torch.testing.assert_close(torch.tensor(r["loss"]), torch.tensor(ref["loss"]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(r["aux"]), torch.tensor(ref["aux"]), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(r["maxvio"]), torch.tensor(ref["maxvio"]), atol=1e-6, rtol=0)
+        torch.testing.assert_close(torch.tensor(r["val"]), torch.tensor(ref["val"]), atol=1e-5, rtol=0)
+    for layer in range(len(ref["bias"])):
+        for r in got:           # bit-identical on every rank, and equal to one process'
+            assert torch.equal(r["bias"][layer], got[0]["bias"][layer])
+        torch.testing.assert_close(got[0]["bias"][layer], ref["bias"][layer], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("world, parallel", [
+    (2, {"ep": 1}),
+    (2, {"ep": 1, "data_parallel": "ddp"}),
+    (2, {"ep": 2}),
+    (2, {"ep": 2, "data_parallel": "ddp"}),
+], ids=["dp2-fsdp", "dp2-ddp", "ep2-fsdp", "ep2-ddp"])
+def test_parallel_losses_equal_one_process(excerpt_tokens, tmp_path, world, parallel):
+    ref = _one_process(run_config(excerpt_tokens), tmp_path / "one")
+    cfg = run_config(excerpt_tokens, parallel)
+    got = run_ranks(_rank_worker, world, cfg.model_dump_json(), str(tmp_path / "many"))
+    _compare(ref, got)
+
+
+@pytest.mark.slow
+def test_dp2_ep2_mesh_equals_one_process(excerpt_tokens, tmp_path):
+    ref = _one_process(run_config(excerpt_tokens), tmp_path / "one")
+    got = run_ranks(_rank_worker, 4, run_config(excerpt_tokens, {"dp": 2, "ep": 2}).model_dump_json(),
+                    str(tmp_path / "many"))
+    _compare(ref, got)
+
+
+def test_global_aux_losses(excerpt_tokens, tmp_path):
+    """Expert-level and sequence-wise auxiliary losses (and their gradients) over the global batch."""
+    bal = {"method": "aux_loss", "aux_alpha": 0.01, "seq_aux_alpha": 0.001}
+    ref = _one_process(run_config(excerpt_tokens, balance=bal), tmp_path / "one")
+    got = run_ranks(_rank_worker, 2, run_config(excerpt_tokens, {"ep": 2}, balance=bal).model_dump_json(),
+                    str(tmp_path / "many"))
+    assert ref["aux"][0] > 0
+    for r in got:
+        torch.testing.assert_close(torch.tensor(r["loss"]), torch.tensor(ref["loss"]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(r["aux"]), torch.tensor(ref["aux"]), atol=1e-7, rtol=1e-5)
+
+
+def _toml(cfg: RunConfig) -> str:
+    model = "\n".join(f"{k} = {_value(v)}" for k, v in TINY_MOE.items() if v is not None)
+    return (f"[model]\n{model}\n\n[data]\npath = \"{cfg.data.path}\"\nseq_len = {cfg.data.seq_len}\n\n[train]\n"
+            + "".join(f"{k} = {_value(getattr(cfg.train, k))}\n" for k in
+                      ("steps", "batch_size", "lr", "warmup_steps", "dtype", "device", "log_every", "eval_every",
+                       "eval_batches", "ckpt_every", "threads"))
+            + "\n[parallel]\nep = 2\n")
+
+
+def _value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return f'"{v}"' if isinstance(v, str) else repr(v)
+
+
+def test_torchrun_entry_point(excerpt_tokens, tmp_path):
+    """``torchrun --nproc_per_node=2 -m moelab train`` with [parallel] ep = 2: one set of logs (rank 0), the
+    final model consolidated into RUN_DIR/model, and the same losses as one process."""
+    cfg = run_config(excerpt_tokens)
+    (tmp_path / "c.toml").write_text(_toml(cfg), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "moelab", "train", str(tmp_path / "c.toml"), "--out", str(tmp_path / "run"), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("report:") == 1        # rank 0 speaks
+    import json
+
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in lines if "loss" in r]
+    from moelab.train.config import load_run_config
+
+    same = load_run_config(tmp_path / "c.toml").model_copy(update={"parallel": ParallelConfig()})
+    ref = _one_process(same, tmp_path / "one")
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref["loss"]), atol=1e-5, rtol=0)
+    import moelab
+
+    model = moelab.load(tmp_path / "run" / "model")
+    assert model.config.n_routed_experts == 8      # every expert, gathered from both ranks
+
+
+def test_bad_mesh_fails_on_every_rank(excerpt_tokens, tmp_path):
+    for parallel, words in [({"ep": 3}, "does not make the 2 ranks"), ({"dp": 2, "ep": 2}, "dp = 2 × ep = 2")]:
+        with pytest.raises(AssertionError) as e:
+            run_ranks(_rank_worker, 2, run_config(excerpt_tokens, parallel).model_dump_json(), str(tmp_path / "r"))
+        assert str(e.value).count(words) == 2, str(e.value)[-2000:]     # both ranks, the same message
