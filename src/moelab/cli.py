@@ -264,8 +264,8 @@ def train(
     RUN_DIR/metrics.jsonl, TensorBoard events (RUN_DIR/tb), checkpoints (RUN_DIR/checkpoints/step-N, each
     a Hugging Face model plus the training state; sharded under torchrun) and RUN_DIR/report/ (loss,
     MaxVio and expert-load plots, summary.md). Ctrl-C writes a checkpoint and stops; --resume continues
-    exactly (changed settings are shown and refused unless --allow-config-change). --out must be new or empty, or hold a run; one
-    process at a time may train in it.
+    exactly (changed settings are shown and refused unless --allow-config-change). --out must be new or
+    empty, or hold a run; one process at a time may train in it.
 
         moelab train configs/tiny.toml --set train.steps=300
 

@@ -150,3 +150,28 @@ def test_bad_mesh_fails_on_every_rank(excerpt_tokens, tmp_path):
         with pytest.raises(AssertionError) as e:
             run_ranks(_rank_worker, 2, run_config(excerpt_tokens, parallel).model_dump_json(), str(tmp_path / "r"))
         assert str(e.value).count(words) == 2, str(e.value)[-2000:]     # both ranks, the same message
+
+
+def test_resume_sharded_on_another_world_size(excerpt_tokens, tmp_path):
+    """A 2-rank ep = 2 run's sharded step-5 checkpoint resumes in one process (resharded by DCP: experts
+    gathered from both ranks, AdamW state included) and the last 5 losses equal the uninterrupted run's."""
+    import shutil
+
+    run = tmp_path / "run"
+    cfg = run_config(excerpt_tokens, {"ep": 2}, ckpt_every=5)
+    full = run_ranks(_rank_worker, 2, cfg.model_dump_json(), str(run))[0]
+    ckpts = sorted((run / "checkpoints").glob("step-*"))
+    assert [p.name for p in ckpts] == ["step-00000005", "step-00000010"]
+    assert (ckpts[0] / "sharded" / ".metadata").is_file() and (run / "model" / "config.json").is_file()
+    shutil.rmtree(ckpts[1])                                        # as if the job had died after step 5
+    one = run_config(excerpt_tokens, ckpt_every=5).model_dump_json()
+    resumed = run_ranks(_resume_worker, 1, one, str(run))[0]
+    assert len(resumed["loss"]) == STEPS - 5
+    torch.testing.assert_close(torch.tensor(resumed["loss"]), torch.tensor(full["loss"][5:]), atol=1e-5, rtol=0)
+
+
+def _resume_worker(rank: int, world: int, cfg_json: str, run_dir: str) -> dict:
+    losses = []
+    train(RunConfig.model_validate_json(cfg_json), run_dir, resume=True, progress=False,
+          on_event=lambda kind, rec: losses.append(rec) if kind == "log" else None)
+    return {"loss": [r["loss"] for r in losses]}
