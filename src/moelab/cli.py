@@ -26,6 +26,7 @@ from moelab.analysis.analyze_cli import analyze_app
 from moelab.cli_utils import err, friendly, read_model_source, resolve_device
 from moelab.common.atomic import CHECKPOINT, check_output_dir
 from moelab.data.cli import data_app
+from moelab.dist.export_cli import export
 from moelab.dist.plan_cli import plan
 from moelab.errors import MoelabError
 from moelab.evaluate.cli import eval_app
@@ -314,6 +315,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written
 
 
 app.command()(plan)
+app.command()(export)
 
 
 def main() -> None:
