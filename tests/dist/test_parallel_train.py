@@ -198,3 +198,19 @@ def _resume_worker(rank: int, world: int, cfg_json: str, run_dir: str) -> dict:
     train(RunConfig.model_validate_json(cfg_json), run_dir, resume=True, progress=False,
           on_event=lambda kind, rec: losses.append(rec) if kind == "log" else None)
     return {"loss": [r["loss"] for r in losses]}
+
+
+@pytest.mark.slow
+def test_resume_four_ranks_on_two(excerpt_tokens, tmp_path):
+    """A dp 2 × ep 2 run's step-5 checkpoint resumes on 2 ranks with ep = 2 (experts and AdamW state
+    resharded from (ep 2, dp 2) to (ep 2, dp 1)); the last 5 losses equal the uninterrupted run's."""
+    import shutil
+
+    run = tmp_path / "run"
+    full = run_ranks(_rank_worker, 4, run_config(excerpt_tokens, {"dp": 2, "ep": 2}, ckpt_every=5).model_dump_json(),
+                     str(run))[0]
+    shutil.rmtree(run / "checkpoints" / "step-00000010")
+    resumed = run_ranks(_resume_worker, 2, run_config(excerpt_tokens, {"ep": 2}, ckpt_every=5).model_dump_json(),
+                        str(run))
+    for r in resumed:
+        torch.testing.assert_close(torch.tensor(r["loss"]), torch.tensor(full["loss"][5:]), atol=1e-5, rtol=0)
