@@ -171,8 +171,9 @@ def test_resume_sharded_on_another_world_size(excerpt_tokens, tmp_path):
 
 
 def test_export_cli(excerpt_tokens, tmp_path):
-    """`moelab export STEP_DIR --out DIR` of a 2-rank ep = 2 checkpoint opens in transformers with the same
-    logits as RUN_DIR/model (consolidated by the run itself); a non-sharded directory is refused."""
+    """`moelab export STEP_DIR --out DIR` of a 2-rank ep = 2 run's sharded checkpoint opens in transformers
+    with the logits of the same training done in one process and saved the one-process way (no DCP, no
+    export); a directory that is not sharded is refused."""
     from transformers import AutoModelForCausalLM
     from typer.testing import CliRunner
 
@@ -181,14 +182,15 @@ def test_export_cli(excerpt_tokens, tmp_path):
 
     run = tmp_path / "run"
     run_ranks(_rank_worker, 2, run_config(excerpt_tokens, {"ep": 2}).model_dump_json(), str(run))
+    _one_process(run_config(excerpt_tokens), tmp_path / "one")
     step = run / "checkpoints" / "step-00000010"
     res = CliRunner().invoke(app, ["export", str(step), "--out", str(tmp_path / "hf")])
     assert res.exit_code == 0, res.output
     ids = torch.tensor([[1, 5, 9, 2, 7]])
-    ours = moelab.load(run / "model")(ids).logits
+    reference = moelab.load(tmp_path / "one" / "checkpoints" / "step-00000010" / "model")(ids).logits
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, ours, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(hf(ids).logits, reference, atol=1e-4, rtol=1e-4)
     bad = CliRunner().invoke(app, ["export", str(run / "model"), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 1 and "not a sharded checkpoint" in bad.output
 

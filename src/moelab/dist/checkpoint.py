@@ -36,8 +36,7 @@ from moelab.dist.coord import on_main
 from moelab.dist.mesh import ParallelState
 from moelab.dist.wrap import is_expert_param
 from moelab.errors import CheckpointError
-from moelab.interop.checkpoint import copy_tokenizer
-from moelab.interop.hf_config import config_to_hf
+from moelab.interop.checkpoint import copy_tokenizer, write_config_files
 
 SHARDED = "sharded"
 
@@ -91,14 +90,14 @@ def _unflat_optim(flat: dict, rest: dict) -> dict:
     return {"state": state, **rest}
 
 
-def _state(model, optimizer, ps: ParallelState) -> tuple[dict, dict, dict]:
-    """(the DCP state dict with global shapes, model state, flat optimizer state + param groups)."""
+def _state(model, optimizer, ps: ParallelState) -> tuple[dict, dict]:
+    """(the DCP state dict with global shapes, the flat optimizer state it re-describes)."""
     opts = StateDictOptions(full_state_dict=False)
     msd = get_model_state_dict(model, options=opts)
     osd = get_optimizer_state_dict(model, optimizer, options=opts)
     flat, rest = _flat_optim(osd)
     E = model.config.n_routed_experts or 0
-    return {"model": _globalize(msd, ps, E), "optim": _globalize(flat, ps, E), "optim_groups": rest}, msd, (flat, rest)
+    return {"model": _globalize(msd, ps, E), "optim": _globalize(flat, ps, E), "optim_groups": rest}, flat
 
 
 def save_sharded(run_dir: Path, step: int, model, optimizer, ps: ParallelState, state: dict, keep_last: int,
@@ -114,7 +113,7 @@ def save_sharded(run_dir: Path, step: int, model, optimizer, ps: ParallelState, 
         (tmp / SHARDED).mkdir(parents=True)
 
     on_main(ps, prepare)
-    to_save, _, _ = _state(model, optimizer, ps)
+    to_save, _ = _state(model, optimizer, ps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # DCP's notes on its own defaults
         dcp.save(to_save, checkpoint_id=tmp / SHARDED)
@@ -123,12 +122,9 @@ def save_sharded(run_dir: Path, step: int, model, optimizer, ps: ParallelState, 
     def commit():
         if not is_sharded(tmp):
             raise CheckpointError(f"the sharded save of step {step} did not complete ({tmp} has no .metadata)")
-        cfg = model.config
         dtype = str(next(iter(model.parameters())).dtype).removeprefix("torch.")
         (tmp / "model").mkdir()
-        (tmp / "model" / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
-        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}
-        (tmp / "model" / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        write_config_files(model.config, dtype, tmp / "model")
         if tokenizer is not None and Path(tokenizer).is_file():
             copy_tokenizer(Path(tokenizer), tmp / "model")
         torch.save({"step": step, "torch_rng": torch.get_rng_state(), **state}, tmp / "train_state.pt")
@@ -150,7 +146,7 @@ def load_sharded(ckpt: Path, model, optimizer, ps: ParallelState) -> dict:
     """Load a sharded checkpoint into this rank's shards of ``model`` and ``optimizer`` (a collective;
     any world size or mesh); returns the saved run state (step, tokens, balancer, job)."""
     ckpt = Path(ckpt)
-    to_load, _, (flat, rest) = _state(model, optimizer, ps)
+    to_load, flat = _state(model, optimizer, ps)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -169,7 +165,7 @@ def load_sharded(ckpt: Path, model, optimizer, ps: ParallelState) -> dict:
 
 
 def read_run_state(ckpt: Path) -> dict:
-    """``train_state.pt`` of a sharded checkpoint, read with ``weights_only=True`` (never unpickled)."""
+    """``train_state.pt`` of a checkpoint (sharded or not), read with ``weights_only=True`` (never unpickled)."""
     path = Path(ckpt) / "train_state.pt"
     try:
         with warnings.catch_warnings():
@@ -198,11 +194,9 @@ def gather_full_model(ckpt: Path, device: str = "cpu"):
     with torch.device("meta"):
         model = DeepSeekForCausalLM(cfg)
     model.to(getattr(torch, meta.get("dtype", "float32"))).to_empty(device=device)
-    sd = model.state_dict()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():     # in place: state_dict()'s tensors are the model's own
         warnings.simplefilter("ignore")
-        dcp.load({"model": sd}, checkpoint_id=ckpt / SHARDED, no_dist=True)
-    model.load_state_dict(sd)
+        dcp.load({"model": model.state_dict()}, checkpoint_id=ckpt / SHARDED, no_dist=True)
     model.reset_buffers()
     return model.eval()
 

@@ -106,14 +106,7 @@ class ExpertParallelExperts(RoutedExperts):
                                hidden=x_rows.shape[1], inner=self.inner, grouped_mm_available=grouped_mm is not None)
         if choice.kernel == "grouped_mm":
             return self._grouped(x_rows, counts)
-        outs = []
-        for e, x_e in enumerate(torch.split(x_rows, counts.tolist())):
-            w_gu, w_down = self.gate_up_proj[e], self.down_proj[e]
-            if dt != w_gu.dtype:
-                x_e, w_gu, w_down = x_e.to(dt), w_gu.to(dt), w_down.to(dt)
-            gate, up = nn.functional.linear(x_e, w_gu).chunk(2, dim=-1)
-            outs.append(nn.functional.linear(nn.functional.silu(gate) * up, w_down))
-        return torch.cat(outs)
+        return self._loop(x_rows, counts, every_expert=True)
 
     def extra_repr(self) -> str:
         return f"experts {self.first}..{self.first + self.n_local - 1} of {self.n_experts}, ep={self.ep}"

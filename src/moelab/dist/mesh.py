@@ -90,10 +90,10 @@ class ParallelState:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def rows(self, batch_size: int) -> slice:
-        """This rank's rows of a global micro-batch of ``batch_size`` sequences."""
-        per = batch_size // self.world
-        return slice(self.rank * per, (self.rank + 1) * per)
+    def my_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a global batch ``[B, ...]``: the rank-th of ``world`` near-equal runs
+        (``torch.tensor_split``; training batches divide evenly, a short last evaluation batch may not)."""
+        return t.tensor_split(self.world)[self.rank] if self.distributed else t
 
     def barrier(self) -> None:
         if self.distributed:

@@ -240,11 +240,16 @@ def _write(model: DeepSeekForCausalLM, directory: Path, shard_bytes: int, tokeni
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (directory / INDEX).write_text(json.dumps(index, indent=2))
+    write_config_files(cfg, dtype_name, directory)
+    if tokenizer is not None:
+        copy_tokenizer(Path(tokenizer), directory)
+
+
+def write_config_files(cfg: ModelConfig, dtype_name: str, directory: Path) -> None:
+    """``config.json`` and ``generation_config.json`` of a checkpoint whose weights are ``dtype_name``."""
     (directory / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype_name), indent=2))
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}
     (directory / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    if tokenizer is not None:
-        copy_tokenizer(Path(tokenizer), directory)
 
 
 def copy_tokenizer(src: Path, directory: Path) -> None:

@@ -239,10 +239,12 @@ class RoutedExperts(nn.Module):
         y = (y.view(N, K, -1).to(torch.float32) * gates.to(torch.float32)[..., None]).to(x.dtype)
         return y.sum(dim=1)
 
-    def _loop(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _loop(self, x_sorted: torch.Tensor, counts: torch.Tensor, every_expert: bool = False) -> torch.Tensor:
+        """The reference kernel. ``every_expert``: also visit experts with no rows, so every weight is in the
+        graph (a zero gradient rather than none: expert parallelism needs the same gradients on every rank)."""
         outs = []
         for e, x_e in enumerate(torch.split(x_sorted, counts.tolist())):
-            if x_e.shape[0] == 0:
+            if x_e.shape[0] == 0 and not every_expert:
                 continue
             gate, up = F.linear(x_e, self.gate_up_proj[e]).chunk(2, dim=-1)
             outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))

@@ -36,8 +36,7 @@ def evaluate(model, data, batch_size: int, seq_len: int, max_batches: int, dtype
     ctx = balancer.measure() if balancer is not None else nullcontext()
     with ctx:
         for x, y in data.eval_batches(batch_size, seq_len, max_batches):
-            if ps.distributed:
-                x, y = x.tensor_split(ps.world)[ps.rank], y.tensor_split(ps.world)[ps.rank]
+            x, y = ps.my_rows(x), ps.my_rows(y)
             with autocast_ctx(dtype, ps.device):
                 logits = model(x.to(ps.device)).logits
             y = y.to(ps.device)

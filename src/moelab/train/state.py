@@ -17,11 +17,11 @@ import re
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
+from moelab.dist.checkpoint import read_run_state
 from moelab.errors import CheckpointError
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -89,15 +89,8 @@ def load_checkpoint(ckpt: Path, model, optimizer, load_weights) -> dict:
 def read_train_state(ckpt: Path) -> dict:
     """``train_state.pt``, read with ``weights_only=True`` (tensors and plain containers only: a file
     that needs anything else is refused, never unpickled)."""
-    path = ckpt / "train_state.pt"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")      # torch's advice on such files is to unpickle them: no
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        state = None
-    if not isinstance(state, dict) or not {"optimizer", "step", "torch_rng"} <= state.keys():
-        raise CheckpointError(f"cannot resume from {ckpt}: {path.name} is not a training state written by moelab "
-                              "(damaged or replaced; it was not unpickled). Move this step directory out of "
-                              "checkpoints/ to resume from the one before")
+    state = read_run_state(ckpt)
+    if "optimizer" not in state:
+        raise CheckpointError(f"cannot resume from {ckpt}: its train_state.pt has no optimizer state (damaged or "
+                              "replaced). Move this step directory out of checkpoints/ to resume from the one before")
     return state

@@ -99,8 +99,7 @@ def train_step(model, data, balancer: Balancer, optimizer: torch.optim.Optimizer
     device = ps.device
     for micro in range(tc.grad_accum):
         x, y = data.batch(tc.batch_size, seq_len, step, micro, tc.seed)
-        if ps.distributed:
-            x, y = x[ps.rows(tc.batch_size)], y[ps.rows(tc.batch_size)]
+        x, y = ps.my_rows(x), ps.my_rows(y)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         try:
             with autocast_ctx(tc.dtype, device):
