@@ -133,9 +133,17 @@ def friendly(fn):
     return wrapper
 
 
+#: How gloo and NCCL word a peer that died or a collective that timed out (they raise plain RuntimeErrors)
+_LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out waiting",
+              "timed out", "NCCL communicator was aborted", "ProcessGroupGloo", "gloo/transport")
+
+
 def _is_lost_rank(e: BaseException) -> bool:
-    """A torch.distributed failure (a peer process died or a collective timed out)."""
-    return any(c.__name__ in ("DistError", "DistBackendError", "DistNetworkError") for c in type(e).__mro__)
+    """A torch.distributed failure under torchrun: a peer process died or a collective timed out."""
+    if any(c.__name__ in ("DistError", "DistBackendError", "DistNetworkError") for c in type(e).__mro__):
+        return True
+    return (isinstance(e, RuntimeError) and int(os.environ.get("WORLD_SIZE", "1")) > 1
+            and any(w in str(e) for w in _LOST_PEER))
 
 
 def _lost_rank_message(e: BaseException) -> str:

@@ -14,22 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_configs import STEPS, run_config, run_toml
 from ranks import run_ranks
-from tiny import TINY_MOE, tiny_config
 
 from moelab.dist.mesh import ParallelConfig
-from moelab.train.config import BalanceConfig, DataConfig, RunConfig, TrainConfig
+from moelab.train.config import RunConfig
 from moelab.train.loop import train
-
-STEPS = 10
-
-
-def run_config(data: Path, parallel: dict | None = None, balance: dict | None = None, **train_kw) -> RunConfig:
-    tc = dict(steps=STEPS, batch_size=4, lr=3e-3, warmup_steps=2, dtype="float32", device="cpu", log_every=1,
-              eval_every=STEPS, eval_batches=2, ckpt_every=STEPS, keep_last=2, threads=1)
-    return RunConfig(model=tiny_config(), data=DataConfig(path=str(data), seq_len=32),
-                     train=TrainConfig(**{**tc, **train_kw}), balance=BalanceConfig(**(balance or {})),
-                     parallel=ParallelConfig(**(parallel or {})))
 
 
 def _rank_worker(rank: int, world: int, cfg_json: str, run_dir: str) -> dict:
@@ -104,26 +94,11 @@ def test_global_aux_losses(excerpt_tokens, tmp_path):
         torch.testing.assert_close(torch.tensor(r["aux"]), torch.tensor(ref["aux"]), atol=1e-7, rtol=1e-5)
 
 
-def _toml(cfg: RunConfig) -> str:
-    model = "\n".join(f"{k} = {_value(v)}" for k, v in TINY_MOE.items() if v is not None)
-    return (f"[model]\n{model}\n\n[data]\npath = \"{cfg.data.path}\"\nseq_len = {cfg.data.seq_len}\n\n[train]\n"
-            + "".join(f"{k} = {_value(getattr(cfg.train, k))}\n" for k in
-                      ("steps", "batch_size", "lr", "warmup_steps", "dtype", "device", "log_every", "eval_every",
-                       "eval_batches", "ckpt_every", "threads"))
-            + "\n[parallel]\nep = 2\n")
-
-
-def _value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return f'"{v}"' if isinstance(v, str) else repr(v)
-
-
 def test_torchrun_entry_point(excerpt_tokens, tmp_path):
     """``torchrun --nproc_per_node=2 -m moelab train`` with [parallel] ep = 2: one set of logs (rank 0), the
     final model consolidated into RUN_DIR/model, and the same losses as one process."""
     cfg = run_config(excerpt_tokens)
-    (tmp_path / "c.toml").write_text(_toml(cfg), encoding="utf-8")
+    (tmp_path / "c.toml").write_text(run_toml(cfg), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "moelab", "train", str(tmp_path / "c.toml"), "--out", str(tmp_path / "run"), "--no-progress"]

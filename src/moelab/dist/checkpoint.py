@@ -194,11 +194,17 @@ def gather_full_model(ckpt: Path, device: str = "cpu"):
     with torch.device("meta"):
         model = DeepSeekForCausalLM(cfg)
     model.to(getattr(torch, meta.get("dtype", "float32"))).to_empty(device=device)
-    with warnings.catch_warnings():     # in place: state_dict()'s tensors are the model's own
-        warnings.simplefilter("ignore")
-        dcp.load({"model": model.state_dict()}, checkpoint_id=ckpt / SHARDED, no_dist=True)
+    load_model_state(ckpt, model)
     model.reset_buffers()
     return model.eval()
+
+
+def load_model_state(ckpt: Path, model) -> None:
+    """Read the tensors of ``model``'s state dict (all of them must be in the checkpoint) from a sharded
+    checkpoint, in one process and in place; e.g. a base model with LoRA applied gets its trained adapters."""
+    with warnings.catch_warnings():     # in place: state_dict()'s tensors are the model's own
+        warnings.simplefilter("ignore")
+        dcp.load({"model": model.state_dict()}, checkpoint_id=Path(ckpt) / SHARDED, no_dist=True)
 
 
 def export(ckpt: Path, out: Path, overwrite: bool = True) -> Path:
@@ -211,4 +217,5 @@ def export(ckpt: Path, out: Path, overwrite: bool = True) -> Path:
     return save(model, out, tokenizer=tok if tok.is_file() else None, overwrite=overwrite)
 
 
-__all__ = ["export", "gather_full_model", "is_sharded", "load_sharded", "read_run_state", "save_sharded"]
+__all__ = ["export", "gather_full_model", "is_sharded", "load_model_state", "load_sharded", "read_run_state",
+           "save_sharded"]

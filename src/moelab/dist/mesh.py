@@ -32,8 +32,9 @@ class ParallelConfig(BaseModel):
 
     dp: int | None = None                 # data-parallel degree (default: world size / ep)
     ep: int = 1                           # expert-parallel degree: routed experts split over this many ranks
-    data_parallel: Literal["fsdp", "ddp"] = "fsdp"   # FSDP2 fully_shard (sharded weights, grads and AdamW
-                                          # state) or DDP (replicas, all-reduced gradients)
+    data_parallel: Literal["auto", "fsdp", "ddp"] = "auto"   # FSDP2 fully_shard (sharded weights, grads and
+                                          # AdamW state) or DDP (replicas, all-reduced gradients); auto: FSDP2,
+                                          # except DDP for LoRA fine-tuning
     backend: Literal["auto", "gloo", "nccl"] = "auto"   # auto: nccl on CUDA, gloo on the CPU
     timeout_s: float = 300.0              # a collective waiting longer (a lost or stuck rank) ends the job
 
@@ -134,8 +135,9 @@ def init_parallel(pc: ParallelConfig, device: torch.device, n_experts: int,
     except ConfigError as e:     # every rank finds the same: rank 0 says it (moelab.cli_utils.friendly)
         e.agreed = True
         raise
+    data_parallel = "fsdp" if pc.data_parallel == "auto" else pc.data_parallel
     if world == 1:
-        return ParallelState(data_parallel=pc.data_parallel, device=torch.device(device))
+        return ParallelState(data_parallel=data_parallel, device=torch.device(device))
     from torch.distributed.device_mesh import init_device_mesh
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -148,7 +150,7 @@ def init_parallel(pc: ParallelConfig, device: torch.device, n_experts: int,
                                 device_id=device if backend == "nccl" else None)
     mesh = init_device_mesh(device.type, (dp, ep), mesh_dim_names=("dp", "ep"))
     return ParallelState(world=world, rank=rank, local_rank=local_rank, dp=dp, ep=ep,
-                         data_parallel=pc.data_parallel, device=device, mesh=mesh,
+                         data_parallel=data_parallel, device=device, mesh=mesh,
                          world_mesh=mesh._flatten("world"), dp_mesh=mesh["dp"], ep_group=mesh["ep"].get_group())
 
 

@@ -57,7 +57,9 @@ def parallelize(model: torch.nn.Module, ps: ParallelState) -> torch.nn.Module:
         from torch.distributed._composable import replicate
 
         ignored = routed_experts(model) if ps.ep > 1 else []
-        replicate(model, ignored_modules=ignored, process_group=ps.world_mesh.get_group())
+        left_out = {id(p) for m in ignored for p in m.parameters()}
+        if any(p.requires_grad and id(p) not in left_out for p in model.parameters()):   # (ESFT: maybe none)
+            replicate(model, ignored_modules=ignored, process_group=ps.world_mesh.get_group())
     return model
 
 

@@ -14,6 +14,10 @@ hook                   default (pre-training, full fine-tuning)    overridden by
 ``state_dict``         ``{}``                                      PeriodicLoRA (its stage counter)
 ``finalize``           copy the last checkpoint's model to         full (save), LoRA (adapter), ESFT
                        ``RUN_DIR/model``
+``prepare_parallel``   nothing (a torchrun job, before the model   LoRA (checks), PeriodicLoRA
+                       is split)                                   (refused), ESFT (row masks)
+``finalize_sharded``   consolidate the last sharded checkpoint     LoRA (adapter), ESFT
+                       into ``RUN_DIR/model``
 =====================  ==========================================  ==================================
 """
 
@@ -26,6 +30,8 @@ from pathlib import Path
 import torch
 
 from moelab.common.atomic import CHECKPOINT, write_dir
+from moelab.dist.checkpoint import export
+from moelab.dist.mesh import ParallelState
 from moelab.interop.checkpoint import load_state_into, save, weight_files
 
 
@@ -83,3 +89,12 @@ class Job:
         src = last_ckpt / "model"
         write_dir(run_dir / "model", lambda tmp: [shutil.copy2(f, tmp / f.name) for f in src.iterdir()],
                   kind=CHECKPOINT, overwrite=True)
+
+    def prepare_parallel(self, model: torch.nn.Module, ps: ParallelState) -> dict[str, torch.Tensor]:
+        """Before a torchrun job splits ``model``: adapt it (or refuse, with an error every rank raises
+        alike); returns row masks ``{parameter name: bool [E]}`` (:mod:`moelab.train.frozen_rows`)."""
+        return {}
+
+    def finalize_sharded(self, ckpt: Path, run_dir: Path) -> None:
+        """The final result of a torchrun job from its last (sharded) checkpoint, on rank 0."""
+        export(ckpt, run_dir / "model")

@@ -32,7 +32,7 @@ import torch
 from moelab.common.device import resolve_device
 from moelab.config import RUNTIME_FIELDS, runtime_settings
 from moelab.data.tokens import TokenData
-from moelab.dist.checkpoint import export, is_sharded, load_sharded, save_sharded
+from moelab.dist.checkpoint import is_sharded, load_sharded, save_sharded
 from moelab.dist.coord import any_rank, on_main
 from moelab.dist.mesh import ParallelConfig, ParallelState, init_parallel
 from moelab.dist.wrap import all_mean, parallelize
@@ -44,6 +44,7 @@ from moelab.train.checkpointing import enable_activation_checkpointing
 from moelab.train.compile import compile_dense_parts
 from moelab.train.config import BalanceConfig, RunConfig, TrainConfig
 from moelab.train.evaluation import check_eval_data, evaluate
+from moelab.train.frozen_rows import FrozenRows
 from moelab.train.host_memory import keep_freed_host_memory
 from moelab.train.interrupt import StopFlag
 from moelab.train.job import Job, RunResult
@@ -96,7 +97,7 @@ def finish(job: Job, run_dir: Path, last_ckpt: Path | None) -> None:
     from moelab.train.report import write_report
 
     if last_ckpt is not None and is_sharded(last_ckpt):
-        export(last_ckpt, run_dir / "model")
+        job.finalize_sharded(last_ckpt, run_dir)
     else:
         job.finalize(job.model, run_dir, last_ckpt)
     write_report(run_dir)
@@ -120,8 +121,10 @@ class Trainer:
         if tc.compile:
             compile_dense_parts(model)
         self.balancer = Balancer(model, balance)
+        masks = job.prepare_parallel(model, ps) if ps.distributed else {}
         parallelize(model, ps)
-        self.optimizer = build_optimizer(model, tc)
+        self.frozen_rows = FrozenRows(masks).attach(model, ps)
+        self.optimizer = build_optimizer(model, tc, self.frozen_rows)
         self.total_steps = total = tc.total_steps(seq_len)
         self.schedule = LRSchedule(total_steps=total, peak_lr=tc.lr, schedule=tc.lr_schedule,
                                    warmup_steps=min(tc.warmup_steps, total - 1), min_lr_ratio=tc.min_lr_ratio,
@@ -208,7 +211,7 @@ class Trainer:
                 while self.step < total:
                     lr = self.schedule.apply(self.optimizer, self.job.schedule_step(self.step))
                     stats = train_step(self.model, self.job.train_data, self.balancer, self.optimizer, tc,
-                                       self.seq_len, self.step, self.last_ckpt, ps)
+                                       self.seq_len, self.step, self.last_ckpt, ps, self.frozen_rows)
                     if ps.distributed:    # the job's mean losses, and an interrupt seen by any rank
                         stats.loss, stats.aux_loss, stopping = all_mean(
                             [stats.loss, stats.aux_loss, float(stop.requested)], ps)

@@ -62,14 +62,16 @@ FREE_SETTINGS = ("train.log_every", "train.eval_every", "train.eval_batches", "t
 
 #: Settings added after runs may have started, with the value a record without them implies.
 ADDED_SETTINGS = {"train.device": "auto", "train.weights_dtype": "float32", "train.activation_checkpointing": False,
-                  "parallel.dp": None, "parallel.ep": 1, "parallel.data_parallel": "fsdp", "parallel.backend": "auto",
+                  "parallel.dp": None, "parallel.ep": 1, "parallel.data_parallel": "auto", "parallel.backend": "auto",
                   "parallel.timeout_s": 300.0}
 
 _err = Console(stderr=True)
 
 
 def note(message: str) -> None:
-    """One line of information on stderr (results go to stdout)."""
+    """One line of information on stderr (results go to stdout); under torchrun rank 0's only."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     _err.print(f"[cyan]note:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 

@@ -22,9 +22,10 @@ import torch
 from moelab.dist.mesh import ParallelState
 from moelab.dist.wrap import clip_grad_norm, sync_expert_grads
 from moelab.errors import TrainingError
-from moelab.lm.nll import lm_loss
+from moelab.lm.nll import IGNORE, lm_loss
 from moelab.train.balance import Balancer
 from moelab.train.config import TrainConfig
+from moelab.train.frozen_rows import FrozenRows
 
 
 @dataclass
@@ -34,21 +35,30 @@ class StepStats:
     grad_norm: float     # total gradient norm before clipping
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, row_masked: list | None = None) -> list[dict]:
     """AdamW groups: weight decay on matrices (linear, embedding, expert weights), none on norms and
-    biases. The routing bias is a buffer, so it is in no group at all."""
-    decay, no_decay = [], []
+    biases. The routing bias is a buffer, so it is in no group at all. ``row_masked`` parameters
+    (:mod:`moelab.train.frozen_rows`: decayed row by row outside the optimizer) get a group of their own."""
+    masked = {id(p) for p in row_masked or []}
+    decay, no_decay, rows = [], [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        (rows if id(p) in masked else decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return groups + ([{"params": rows, "weight_decay": 0.0}] if rows else [])
 
 
-def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig, frozen_rows: FrozenRows | None = None
+                    ) -> torch.optim.Optimizer:
     # fused: one multi-tensor kernel per step (CPU and CUDA); 7x faster than the per-parameter loop
     # for ~100M fp32 parameters on the CPU (benchmarks/train_step.py notes)
-    return torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas, eps=tc.eps, fused=True)
+    masked = frozen_rows.params() if frozen_rows else []
+    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay, masked), lr=tc.lr, betas=tc.betas, eps=tc.eps,
+                            fused=True)
+    if frozen_rows:
+        frozen_rows.install(opt, tc.weight_decay)
+    return opt
 
 
 def autocast_ctx(dtype: str, device: torch.device):
@@ -87,9 +97,20 @@ def _out_of_memory(model, tc: TrainConfig, shape, step: int, last_ckpt: Path | N
         f"{last_ckpt or '(none yet)'}. Try {' or '.join(advice)}")
 
 
+def rank_weight(y_mine: torch.Tensor, y_all: torch.Tensor, world: int) -> float:
+    """The factor that turns this rank's mean loss into its share of the global batch's mean: W · n_mine /
+    n_all (target tokens, != −100). Averaging the weighted losses (and gradients) over the W ranks then gives
+    the mean over every target token of the global batch, as one process computes it — also when SFT
+    prompts leave the ranks different numbers of targets. 1 for one process and for plain text."""
+    if world == 1:
+        return 1.0
+    n_all = int((y_all != IGNORE).sum())
+    return world * int((y_mine != IGNORE).sum()) / n_all if n_all else 1.0
+
+
 def train_step(model, data, balancer: Balancer, optimizer: torch.optim.Optimizer, tc: TrainConfig,
-               seq_len: int, step: int, last_ckpt: Path | None = None, ps: ParallelState | None = None
-               ) -> StepStats:
+               seq_len: int, step: int, last_ckpt: Path | None = None, ps: ParallelState | None = None,
+               frozen_rows: FrozenRows | None = None) -> StepStats:
     """Run optimizer step ``step + 1`` (batches are a pure function of seed, step and micro-batch).
 
     Under torchrun (``ps``) each rank trains on its rows of the same global micro-batch, so the batches do
@@ -98,13 +119,14 @@ def train_step(model, data, balancer: Balancer, optimizer: torch.optim.Optimizer
     loss_sum, aux = 0.0, 0.0
     device = ps.device
     for micro in range(tc.grad_accum):
-        x, y = data.batch(tc.batch_size, seq_len, step, micro, tc.seed)
-        x, y = ps.my_rows(x), ps.my_rows(y)
+        x_all, y_all = data.batch(tc.batch_size, seq_len, step, micro, tc.seed)
+        x, y = ps.my_rows(x_all), ps.my_rows(y_all)
+        weight = rank_weight(y, y_all, ps.world)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         try:
             with autocast_ctx(tc.dtype, device):
                 logits = model(x).logits
-            loss = lm_loss(logits, y)
+            loss = lm_loss(logits, y) * weight if weight != 1.0 else lm_loss(logits, y)
             del logits
             aux_t = balancer.pop_aux_loss()
             total = loss if aux_t is None else loss + aux_t
@@ -117,6 +139,8 @@ def train_step(model, data, balancer: Balancer, optimizer: torch.optim.Optimizer
         loss_sum += float(loss.detach()) / tc.grad_accum
         aux += (float(aux_t.detach()) if aux_t is not None else 0.0) / tc.grad_accum
     sync_expert_grads(model, ps)
+    if frozen_rows:
+        frozen_rows.zero_frozen_grads()
     # max_norm=inf measures without clipping (the norm is checked, and logged, either way)
     grad_norm = clip_grad_norm(model, tc.grad_clip if tc.grad_clip > 0 else math.inf, ps)
     if not math.isfinite(grad_norm):

@@ -3,10 +3,12 @@
     moelab finetune lora configs/finetune-arith.toml --set lora.r=16
     moelab finetune esft configs/finetune-arith.toml --set esft.expert_config=runs/esft/expert_cfg.json
     moelab finetune merge runs/demo/model runs/ft-lora/adapter --out runs/ft-lora/merged
+    torchrun --standalone --nproc_per_node=2 -m moelab finetune esft configs/finetune-arith.toml --set parallel.ep=2
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -35,9 +37,12 @@ def run_method(method: str, config: Path | None, out: Path | None, overrides: li
 
     cfg = load_finetune_config(config, overrides or [], method=method, base=base)
     run_dir = out or Path("runs") / f"ft-{method}-{config.stem if config else 'run'}"
-    err.print(f"fine-tuning ({method}) {cfg.finetune.base} on {cfg.data.path} → {run_dir}")
+    if os.environ.get("RANK", "0") == "0":
+        err.print(f"fine-tuning ({method}) {cfg.finetune.base} on {cfg.data.path} → {run_dir}")
     result, summary = finetune(cfg, run_dir, resume=resume, progress=progress,
                                allow_config_change=allow_config_change)
+    if os.environ.get("RANK", "0") != "0":      # under torchrun rank 0 reports for the job
+        raise typer.Exit(130 if result.status == "interrupted" else 0)
     t, n = summary["trainable_params"], summary["total_params"]
     con = Console()
     con.print(f"trainable parameters: {t:,} of {n:,} ({100 * t / n:.3f}%)")

@@ -10,6 +10,7 @@ Sections::
     [lora]      LoRA settings (methods lora and plora)
     [plora]     PeriodicLoRA settings (method plora)
     [esft]      ESFT expert configuration (method esft)
+    [parallel]  under torchrun: dp × ep, FSDP2 or DDP (as for pre-training; :mod:`moelab.dist.mesh`)
 
 The method comes from the command line (``moelab finetune lora ...``), or ``finetune.method``.
 
@@ -26,6 +27,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from moelab.config import RuntimeSettings, format_validation_error, non_finite_settings, read_toml
+from moelab.dist.mesh import ParallelConfig
 from moelab.errors import ConfigError
 from moelab.train.config import BalanceConfig, TrainConfig, apply_overrides
 from moelab.tune.lora import LoraSettings
@@ -34,7 +36,7 @@ from moelab.tune.plora import PLoraSettings
 Method = Literal["full", "lora", "plora", "esft"]
 METHODS = ("full", "lora", "plora", "esft")
 DEFAULT_LR = {"full": 3e-5, "lora": 1e-4, "plora": 1e-4, "esft": 1e-5}
-SECTIONS = {"finetune", "data", "train", "balance", "lora", "plora", "esft", "runtime"}
+SECTIONS = {"finetune", "data", "train", "balance", "lora", "plora", "esft", "runtime", "parallel"}
 
 
 class _Section(BaseModel):
@@ -94,6 +96,7 @@ class FinetuneConfig(BaseModel):
     esft: EsftSection = EsftSection()
     #: how to compute: kernels and attention path of the loaded base model, and train.compile
     runtime: RuntimeSettings = RuntimeSettings()
+    parallel: ParallelConfig = ParallelConfig()    # torchrun jobs: dp × ep (full, lora with ep = 1, esft)
 
     @property
     def method(self) -> str:

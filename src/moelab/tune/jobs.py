@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from moelab.errors import CheckpointError
+from moelab.dist.checkpoint import gather_full_model, load_model_state
+from moelab.dist.mesh import ParallelState
+from moelab.errors import CheckpointError, ConfigError
 from moelab.interop.checkpoint import save as save_model
 from moelab.train.job import Job
 
@@ -50,6 +52,10 @@ def _load_state(model, ckpt_dir: Path) -> None:
         raise CheckpointError(f"{path} does not match this fine-tuning setup (same method, LoRA and ESFT "
                               f"settings?): {str(e).splitlines()[0]}") from None
 
+
+def _agreed(e: ConfigError) -> ConfigError:
+    e.agreed = True        # every rank raises it alike: rank 0 prints it (moelab.cli_utils.friendly)
+    return e
 
 
 @dataclass
@@ -79,6 +85,31 @@ class LoraJob(_AllStateJob):
 
         save_adapter(model, run_dir / "adapter", self.base, self.settings)
 
+    def prepare_parallel(self, model: torch.nn.Module, ps: ParallelState) -> dict:
+        from moelab.tune.lora import LoraExperts
+
+        if ps.data_parallel == "fsdp":
+            raise _agreed(ConfigError(
+                "LoRA does not run under FSDP2 (its adapted weights are computed properties FSDP cannot shard); "
+                "set parallel.data_parallel = 'ddp' (the default for lora: the adapters are small, the frozen "
+                "base is replicated)"))
+        if ps.ep > 1 and any(isinstance(m, LoraExperts) for m in model.modules()):
+            raise _agreed(ConfigError(
+                "LoRA adapters on routed experts cannot be split over expert-parallel ranks (an adapter's B "
+                "columns interleave the experts); set parallel.ep = 1 (data parallelism), or leave the routed "
+                "experts out of lora.target_modules"))
+        return {}
+
+    def finalize_sharded(self, ckpt: Path, run_dir: Path) -> None:
+        """The adapter of a torchrun job: the base model with LoRA applied, the trained tensors loaded."""
+        from moelab.interop.checkpoint import load as load_checkpoint_dir
+        from moelab.tune.lora import apply_lora, save_adapter
+
+        model = load_checkpoint_dir(self.base, dtype=torch.float32)
+        apply_lora(model, self.settings)
+        load_model_state(ckpt, model)
+        save_adapter(model, run_dir / "adapter", self.base, self.settings)
+
 
 @dataclass
 class PLoraJob(_AllStateJob):
@@ -92,6 +123,11 @@ class PLoraJob(_AllStateJob):
 
     def state_dict(self) -> dict:
         return self.plora.state_dict()
+
+    def prepare_parallel(self, model: torch.nn.Module, ps: ParallelState) -> dict:
+        raise _agreed(ConfigError(
+            "finetune plora does not run under torchrun: its stage merges rewrite weights that torchrun shards "
+            "over ranks. Run it in one process, or use `moelab finetune lora` (which runs under torchrun)"))
 
     def load_state_dict(self, state: dict) -> None:
         self.plora.load_state_dict(state)
@@ -112,3 +148,12 @@ class EsftJob(_AllStateJob):
 
         save_esft(model, self.expert_cfg, run_dir / "esft")
         shutil.copy2(self.tokenizer_file, run_dir / "esft" / "tokenizer.json")
+
+    def prepare_parallel(self, model: torch.nn.Module, ps: ParallelState) -> dict:
+        """Whole stacked expert tensors with row masks: the selected experts train wherever they live."""
+        from moelab.tune.esft.training import esft_row_masks
+
+        return esft_row_masks(model)
+
+    def finalize_sharded(self, ckpt: Path, run_dir: Path) -> None:
+        self.finalize(gather_full_model(ckpt), run_dir, ckpt)

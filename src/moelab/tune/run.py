@@ -14,6 +14,10 @@ esft       the selected routed experts only                    ``esft/`` (expert
 
 Checkpoints of the parameter-efficient methods hold the whole in-memory state (``state.safetensors``,
 LoRA/ESFT tensors included) so that ``--resume`` continues exactly; the final result is small.
+Under torchrun (``[parallel]``, as for pre-training) full and ESFT fine-tuning run on any dp × ep mesh and
+LoRA on data-parallel ranks (ep = 1 when the routed experts carry adapters); checkpoints are sharded, and
+rank 0 writes the final result from the last one. ESFT's selected experts train wherever their ep rank
+is (:mod:`moelab.train.frozen_rows`); PeriodicLoRA runs in one process only.
 When ``data.general_path`` names a token directory, its validation split is evaluated before the first
 step and at every evaluation (``general_val_loss``, ``general_val_ppl``): the forgetting curve.
 """
@@ -117,13 +121,15 @@ def finetune(cfg: FinetuneConfig, run_dir: str | os.PathLike, resume: bool = Fal
     run_dir = Path(run_dir)
     check_run_dir(run_dir, resume)         # before loading anything: a refused run costs nothing
     check_device(cfg.train)
+    if cfg.method == "lora" and cfg.parallel.data_parallel == "auto":
+        cfg.parallel.data_parallel = "ddp"     # torchrun: LoRA runs data-parallel with DDP (jobs.LoraJob)
     job, summary = build_job(cfg)
     note(f"data: {summary['train_examples']:,} train / {summary['val_examples']:,} val examples; "
          f"{summary['truncated_examples']:,} truncated and {summary['dropped_examples']:,} dropped (longer "
          f"than data.seq_len {cfg.data.seq_len}); {summary['skipped_lines']:,} malformed lines skipped")
     result = fit(job, cfg.train, cfg.balance, cfg.data.seq_len, run_dir, resume=resume, progress=progress,
-                 on_event=on_event, allow_config_change=allow_config_change)
-    if result.status == "finished":
+                 on_event=on_event, allow_config_change=allow_config_change, parallel=cfg.parallel)
+    if result.status == "finished" and os.environ.get("RANK", "0") == "0":    # torchrun: rank 0 writes
         out = {"lora": "adapter", "esft": "esft"}.get(cfg.method, "model")
         summary["result"] = str(run_dir / out)
         summary["result_bytes"] = sum(f.stat().st_size for f in (run_dir / out).rglob("*") if f.is_file())

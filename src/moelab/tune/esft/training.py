@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from moelab.errors import ConfigError
+from moelab.model.moe import DeepSeekMoE
 from moelab.model.transformer import DeepSeekForCausalLM
 from moelab.tune.esft.layers import STACKED, check_model, is_expert_name, moe_layers
 from moelab.tune.esft.selection import validate_expert_config
@@ -119,16 +120,7 @@ def apply_esft(model: DeepSeekForCausalLM, expert_config: dict) -> EsftInfo:
     if not any(cfg["experts"].values()) and not cfg["shared_experts"] and not cfg["non_expert_modules"]:
         raise ConfigError("the expert config selects no expert and no other module: nothing would train. "
                           "Select experts with `moelab esft select` (a larger --p selects more)")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if cfg["non_expert_modules"]:
-        for name, p in model.named_parameters():
-            if not is_expert_name(name):
-                p.requires_grad_(True)
-    if cfg["shared_experts"]:
-        for moe in layers.values():
-            if moe.shared_experts is not None:
-                moe.shared_experts.requires_grad_(True)
+    _freeze_except_switches(model, cfg, layers)
     state = EsftState(cfg, flags)
     model._esft_state = state
     for layer, ids in cfg["experts"].items():
@@ -139,6 +131,49 @@ def apply_esft(model: DeepSeekForCausalLM, expert_config: dict) -> EsftInfo:
                     shared_experts=cfg["shared_experts"], non_expert_modules=cfg["non_expert_modules"],
                     n_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
                     n_total=n_total, experts_per_layer=per_layer, n_experts=model.config.n_routed_experts)
+
+
+def _freeze_except_switches(model: DeepSeekForCausalLM, cfg: dict, layers: dict[int, DeepSeekMoE]) -> None:
+    """Freeze every parameter, then unfreeze the shared experts / non-expert modules the switches name."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg["non_expert_modules"]:
+        for name, p in model.named_parameters():
+            if not is_expert_name(name):
+                p.requires_grad_(True)
+    if cfg["shared_experts"]:
+        for moe in layers.values():
+            if moe.shared_experts is not None:
+                moe.shared_experts.requires_grad_(True)
+
+
+def esft_row_masks(model: DeepSeekForCausalLM) -> dict[str, torch.Tensor]:
+    """ESFT as whole stacked expert tensors with row masks, for a torchrun job (:mod:`moelab.train.frozen_rows`).
+
+    Undoes the ``rows`` parametrization of :func:`apply_esft` (the model must not have trained yet) and
+    makes trainable exactly: ``experts.gate_up_proj`` / ``down_proj`` of the layers with selected experts,
+    plus the switched-on modules. Returns ``{parameter name: bool [E]}`` (True: a selected expert); the
+    caller zeroes the other rows' gradients and decays only the selected rows."""
+    state = applied_esft(model)
+    if state is None:
+        raise ConfigError("ESFT is not applied to this model (apply_esft first)")
+    cfg = state.config
+    remove_esft(model)
+    layers = moe_layers(model)
+    _freeze_except_switches(model, cfg, layers)
+    names = {m: n for n, m in model.named_modules()}
+    E = model.config.n_routed_experts
+    masks = {}
+    for layer, ids in cfg["experts"].items():
+        if not ids:
+            continue
+        experts = layers[int(layer)].experts
+        mask = torch.zeros(E, dtype=torch.bool)
+        mask[list(ids)] = True
+        for name in STACKED:
+            getattr(experts, name).requires_grad_(True)
+            masks[f"{names[experts]}.{name}"] = mask
+    return masks
 
 
 def _parametrize(experts: nn.Module, ids: list[int]) -> list:
