@@ -151,7 +151,7 @@ def _lost_rank_message(e: BaseException) -> str:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
     return (f"rank {rank}: a collective with the other ranks failed ({first}). Another rank stopped or timed out "
             "(torchrun's summary names it; parallel.timeout_s bounds the wait). Checkpoints are written whole or "
-            "not at all: continue from the last one with `moelab train CONFIG --out RUN_DIR --resume`")
+            "not at all: continue from the last one by running the same command with --resume")
 
 
 def _ignore_further_interrupts() -> None:

@@ -18,6 +18,8 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from alloc_trace import live_bytes
+
 from moelab.config import load_model_config, make_config
 from moelab.dist.plan import Mesh, plan
 from moelab.lm.nll import lm_loss
@@ -42,22 +44,6 @@ def _config(name: str):
     return make_config({**TINY.model_dump(exclude_none=True), **changes}), attention, experts
 
 
-def _allocations(prof) -> tuple[list[tuple[int, int]], int]:
-    """(time, +/- bytes) of every CPU allocation and free, and the end time of the 'forward' range."""
-    from torch._C._profiler import _EventType  # the event tree torch.profiler's memory timeline reads
-
-    allocs, forward_end = [], []
-    todo = list(prof.profiler.kineto_results.experimental_event_tree())
-    while todo:
-        node = todo.pop()
-        if node.tag == _EventType.Allocation:
-            allocs.append((node.start_time_ns, node.extra_fields.alloc_size))
-        elif node.name == "forward":
-            forward_end.append(node.end_time_ns)
-        todo += node.children
-    return sorted(allocs), forward_end[0]
-
-
 def measure_step(cfg, batch: int, seq_len: int, checkpointing: bool) -> dict[str, int]:
     model = DeepSeekForCausalLM.from_config(cfg, seed=0)
     if checkpointing:
@@ -77,14 +63,7 @@ def measure_step(cfg, batch: int, seq_len: int, checkpointing: bool) -> dict[str
     step()                                    # the optimizer's states exist from here on: a steady-state step
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    allocs, forward_end = _allocations(prof)
-    live = peak = 0
-    at_forward_end = None
-    for t, size in allocs:
-        if at_forward_end is None and t > forward_end:
-            at_forward_end = live
-        live += size
-        peak = max(peak, live)
+    peak, at_forward_end = live_bytes(prof)
     state = sum(p.numel() * p.element_size() for p in model.parameters())
     state += sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if v.dim())
     return {"state": state, "saved": at_forward_end, "step_peak": peak,
