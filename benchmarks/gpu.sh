@@ -98,6 +98,8 @@ left=$((DEADLINE - (SECONDS - START)))
 (( left > 120 * SLOW )) && left=$((120 * SLOW))
 grep -q -- '"--budget"' benchmarks/decode.py && DECODE+=(--budget $((left > 40 ? left - 20 : 20)))
 step decode 120 "$PY" benchmarks/decode.py --device "$DEVICE" "${DECODE[@]}"
+# issue 15: a one-process NCCL smoke run (one-rank group + a collective + training steps; gloo with DEVICE=cpu)
+step nccl_smoke 40 "$PY" benchmarks/scaling.py --device "$DEVICE" --meshes 1x1 --steps 3
 
 {
     echo "# GPU run (issue 14): DEVICE=$DEVICE, $(date -u '+%Y-%m-%d %H:%M UTC'), $((SECONDS - START)) s"
@@ -107,7 +109,7 @@ step decode 120 "$PY" benchmarks/decode.py --device "$DEVICE" "${DECODE[@]}"
     echo "| step | exit (124/137: timed out) | seconds |"
     echo "|---|---|---|"
     cat "$STATUS"
-    for name in tests moe_layer_v2lite moe_layer_v3 train_step decode; do
+    for name in tests moe_layer_v2lite moe_layer_v3 train_step decode nccl_smoke; do
         [[ -f "$OUT/$name.txt" ]] || continue
         echo
         echo "## $name"
@@ -117,7 +119,7 @@ step decode 120 "$PY" benchmarks/decode.py --device "$DEVICE" "${DECODE[@]}"
             grep -E '^(FAILED|ERROR) |passed|failed|no tests ran' "$OUT/$name.txt" | tail -20 \
                 || echo "(no pytest summary: see $name.txt)"
         else
-            grep -E '^(TARGET|RESULT)' "$OUT/$name.txt" || echo "(no RESULT line: see $name.txt)"
+            grep -E '^(TARGET|RESULT)|^ +1x1 ' "$OUT/$name.txt" || echo "(no RESULT line: see $name.txt)"
         fi
         echo '```'
     done
