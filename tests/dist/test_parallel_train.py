@@ -191,3 +191,25 @@ def test_resume_four_ranks_on_two(excerpt_tokens, tmp_path):
                         str(run))
     for r in resumed:
         torch.testing.assert_close(torch.tensor(r["loss"]), torch.tensor(full["loss"][5:]), atol=1e-5, rtol=0)
+
+
+def test_resume_with_another_model_fails_alike_on_every_rank(excerpt_tokens, tmp_path):
+    """A sharded checkpoint resumed by a model of other shapes: the same one-line error on both ranks
+    (marked for rank 0 to print), nobody left waiting."""
+    run = tmp_path / "run"
+    run_ranks(_rank_worker, 2, run_config(excerpt_tokens, {"ep": 2}, steps=2, ckpt_every=2).model_dump_json(),
+              str(run))
+    other = run_config(excerpt_tokens, {"ep": 2}, steps=2, ckpt_every=2)
+    other.model = other.model.model_copy(update={"moe_intermediate_size": 24})
+    got = run_ranks(_resume_refused, 2, other.model_dump_json(), str(run))
+    assert all("does not fit this model" in msg and agreed for msg, agreed in got), got
+
+
+def _resume_refused(rank: int, world: int, cfg_json: str, run_dir: str) -> tuple[str, bool]:
+    from moelab.errors import MoelabError
+
+    try:
+        train(RunConfig.model_validate_json(cfg_json), run_dir, resume=True, progress=False, allow_config_change=True)
+    except MoelabError as e:
+        return str(e), getattr(e, "agreed", False)
+    return "resumed", False

@@ -28,11 +28,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from moelab.dist.coord import on_main
+from moelab.dist.coord import agreed, on_main
 from moelab.dist.mesh import ParallelState
 from moelab.dist.wrap import is_expert_param
 from moelab.errors import CheckpointError
@@ -151,11 +152,11 @@ def load_sharded(ckpt: Path, model, optimizer, ps: ParallelState) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dcp.load(to_load, checkpoint_id=ckpt / SHARDED)
-    except Exception as e:     # a missing tensor or a shape that does not fit this model
+    except (Exception, CheckpointException) as e:   # a missing tensor or a shape that does not fit (DCP raises a BaseException)
         first = str(e).strip().splitlines()
-        raise CheckpointError(f"cannot resume from {ckpt}: its sharded state does not fit this model "
-                              f"({first[-1] if first else type(e).__name__}). Resume with the config that "
-                              "wrote it") from None
+        raise agreed(CheckpointError(   # DCP raises on every rank alike: rank 0 says it
+            f"cannot resume from {ckpt}: its sharded state does not fit this model "
+            f"({first[-1] if first else type(e).__name__}). Resume with the config that wrote it")) from None
     # param groups (lr, betas, ...) come back as loaded objects; the tensors were loaded in place
     set_optimizer_state_dict(model, optimizer, _unflat_optim(flat, to_load["optim_groups"]),
                              options=StateDictOptions(full_state_dict=False))

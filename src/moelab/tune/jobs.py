@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moelab.dist.checkpoint import gather_full_model, load_model_state
+from moelab.dist.coord import agreed
 from moelab.dist.mesh import ParallelState
 from moelab.errors import CheckpointError, ConfigError
 from moelab.interop.checkpoint import save as save_model
@@ -51,11 +52,6 @@ def _load_state(model, ckpt_dir: Path) -> None:
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not match this fine-tuning setup (same method, LoRA and ESFT "
                               f"settings?): {str(e).splitlines()[0]}") from None
-
-
-def _agreed(e: ConfigError) -> ConfigError:
-    e.agreed = True        # every rank raises it alike: rank 0 prints it (moelab.cli_utils.friendly)
-    return e
 
 
 @dataclass
@@ -89,12 +85,12 @@ class LoraJob(_AllStateJob):
         from moelab.tune.lora import LoraExperts
 
         if ps.data_parallel == "fsdp":
-            raise _agreed(ConfigError(
+            raise agreed(ConfigError(
                 "LoRA does not run under FSDP2 (its adapted weights are computed properties FSDP cannot shard); "
                 "set parallel.data_parallel = 'ddp' (the default for lora: the adapters are small, the frozen "
                 "base is replicated)"))
         if ps.ep > 1 and any(isinstance(m, LoraExperts) for m in model.modules()):
-            raise _agreed(ConfigError(
+            raise agreed(ConfigError(
                 "LoRA adapters on routed experts cannot be split over expert-parallel ranks (an adapter's B "
                 "columns interleave the experts); set parallel.ep = 1 (data parallelism), or leave the routed "
                 "experts out of lora.target_modules"))
@@ -125,7 +121,7 @@ class PLoraJob(_AllStateJob):
         return self.plora.state_dict()
 
     def prepare_parallel(self, model: torch.nn.Module, ps: ParallelState) -> dict:
-        raise _agreed(ConfigError(
+        raise agreed(ConfigError(
             "finetune plora does not run under torchrun: its stage merges rewrite weights that torchrun shards "
             "over ranks. Run it in one process, or use `moelab finetune lora` (which runs under torchrun)"))
 
