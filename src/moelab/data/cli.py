@@ -53,18 +53,27 @@ def prepare(
         "starts a word, which leaves their tokens unchanged; only where no such space is near (a single word "
         "longer than 1/16 of this) is a piece cut mid-word, which can change the one or two tokens at that "
         "cut.")] = 1 << 20,
+    fim_rate: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Fill-in-the-middle: rearrange this fraction of the train documents PSM-style, "
+        "<｜fim▁begin｜>prefix<｜fim▁hole｜>suffix<｜fim▁end｜>middle (DeepSeek-Coder-V2 Lite: 0.5). Two uniform "
+        "character cuts per document; the val split stays left-to-right.")] = 0.0,
+    fim_seed: Annotated[int, typer.Option(min=0, help="Seed of the FIM draws and cuts.")] = 0,
 ):
     """Read SOURCE..., train a tokenizer on the train documents, and write OUT (tokens + tokenizer).
 
     Documents are split into train/val whole; each is written as its tokens followed by EOS. Nothing
     is left at OUT unless the run completes.
+
+        moelab data prepare runs/code/stdlib.jsonl --out runs/data/code --fim-rate 0.5   # code with FIM
     """
+    from moelab.data.fim import FimSettings
     from moelab.data.tokens import prepare as run_prepare
 
     run_prepare(sources, out, tokenizer, vocab_size=vocab_size, min_frequency=min_frequency,
                 val_fraction=val_fraction, val_docs=val_docs, seed=seed, text_field=text_field,
                 strict=strict, skip_bad=skip_bad, overwrite=overwrite, progress=not quiet, console=err,
-                max_chunk_bytes=max_chunk_bytes)
+                max_chunk_bytes=max_chunk_bytes,
+                fim=FimSettings(fim_rate=fim_rate, seed=fim_seed) if fim_rate > 0 else None)
 
 
 @data_app.command()

@@ -91,6 +91,19 @@ def check_layout(tok: Tokenizer, where: str = "the tokenizer") -> None:
                             "PAD 2; train one instead (omit --tokenizer) or use a moelab tokenizer.json")
 
 
+def literal_text_tokenizer(tok: Tokenizer) -> Tokenizer:
+    """``tok``, or a copy of it in which every added token is *special*, so that with
+    ``encode_special_tokens = True`` text that spells one (``"<｜fim▁hole｜>"`` in a source file) is encoded
+    as its bytes. The real DeepSeek-V3 tokenizer marks its FIM and chat tokens as non-special added tokens,
+    which that flag would otherwise leave matched. Ids are unchanged; the copy is for encoding only."""
+    if all(t.special for t in tok.get_added_tokens_decoder().values()):
+        return tok
+    data = json.loads(tok.to_str())
+    for t in data.get("added_tokens", []):
+        t["special"] = True
+    return Tokenizer.from_str(json.dumps(data))
+
+
 def save_tokenizer(tok: Tokenizer, directory: str | Path) -> None:
     """Write ``tokenizer.json`` + ``tokenizer_config.json`` so transformers' AutoTokenizer opens it."""
     d = Path(directory)

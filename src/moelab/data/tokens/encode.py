@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from moelab.data.fim import FimSettings, fim_split, sentinel_ids
 from moelab.data.sources import Document
+from moelab.data.tokenizer import literal_text_tokenizer
 from moelab.data.tokens.meta import EOS_ID, SPLITS
 from moelab.errors import DataError
 
@@ -83,39 +85,50 @@ def _last_cut(text: str, lo: int, hi: int) -> int | None:
 
 
 def encode_splits(tok: Tokenizer, docs: Iterator[tuple[bool, Document]], tmp: Path, total_bytes: int,
-            n_docs: int, bars, max_chunk_bytes: int = MAX_CHUNK_BYTES) -> dict:
+            n_docs: int, bars, max_chunk_bytes: int = MAX_CHUNK_BYTES, fim: FimSettings | None = None) -> dict:
     """Pass 3: encode every document, append its tokens + EOS to its split's .bin, record offsets.
 
     At most ``max_chunk_bytes`` of text (and ``_BATCH_BYTES``) go to one ``encode_batch`` call: a long
-    document is encoded in pieces (:func:`chunks`) whose ids are written one after another.
+    document is encoded in pieces (:func:`chunks`) whose ids are written one after another. With ``fim``,
+    train documents drawn for fill-in-the-middle (:mod:`moelab.data.fim`, by document index) are written
+    ``<｜fim▁begin｜>prefix<｜fim▁hole｜>suffix<｜fim▁end｜>middle`` + EOS, each piece tokenized on its own.
     """
     vocab = tok.get_vocab_size(with_added_tokens=True)
     dtype = np.dtype(np.uint16 if vocab <= 65535 else np.uint32)
+    sentinels = sentinel_ids(tok) if fim is not None and fim.fim_rate > 0 else None
+    fim_counts = {"documents": 0, "too_short": 0}
     task = bars.add_task("tokenising", total=total_bytes)
     files = {s: (tmp / f"{s}.bin").open("wb") for s in SPLITS}
     acc = {s: {"offsets": [0], "bytes": 0, "pending": 0} for s in SPLITS}
     budget = min(_BATCH_BYTES, max_chunk_bytes)
     # Text that happens to spell a special token ("<｜end▁of▁sentence｜>") is encoded as its bytes, so
-    # only the EOS we append marks a document end.
+    # only the EOS we append (and the FIM sentinels we insert) are special tokens.
+    tok = literal_text_tokenizer(tok)
     tok.encode_special_tokens = True
     try:
-        # batch items: (is_val, piece of text, its UTF-8 bytes, the document's bytes on its last piece else None)
-        batch: list[tuple[bool, str, int, int | None]] = []
+        # batch items: (is_val, piece of text, its UTF-8 bytes, the document's bytes on its last piece else
+        # None, ids written before the piece's tokens: a FIM sentinel)
+        batch: list[tuple[bool, str, int, int | None, list[int]]] = []
         size = 0
-        for is_val, d in docs:
-            pieces = chunks(d.text, piece_bytes(max_chunk_bytes))
-            piece = next(pieces)
+        for index, (is_val, d) in enumerate(docs):
+            parts: list[tuple[int | None, str]] = [(None, d.text)]
+            if sentinels is not None and not is_val:
+                drawn, split = fim_split(d.text, fim, index)
+                fim_counts["documents"] += split is not None
+                fim_counts["too_short"] += drawn and split is None
+                if split is not None:
+                    parts = [(sentinels[sentinel], text) for sentinel, text in split.pieces()]
+            seq = [([sid] if k == 0 and sid is not None else [], piece)
+                   for sid, text in parts for k, piece in enumerate(chunks(text, piece_bytes(max_chunk_bytes)))]
             doc_bytes = 0
-            while piece is not None:
-                following = next(pieces, None)
+            for k, (pre, piece) in enumerate(seq):
                 n_bytes = len(piece.encode())
                 doc_bytes += n_bytes
                 if batch and size + n_bytes > budget:
                     _write_batch(tok, batch, files, acc, dtype, bars, task)
                     batch, size = [], 0
-                batch.append((is_val, piece, n_bytes, doc_bytes if following is None else None))
+                batch.append((is_val, piece, n_bytes, doc_bytes if k == len(seq) - 1 else None, pre))
                 size += n_bytes
-                piece = following
         _write_batch(tok, batch, files, acc, dtype, bars, task)
     finally:
         tok.encode_special_tokens = False
@@ -130,6 +143,8 @@ def encode_splits(tok: Tokenizer, docs: Iterator[tuple[bool, Document]], tmp: Pa
         np.save(tmp / f"{s}.idx.npy", offsets)
         splits[s] = {"documents": len(offsets) - 1, "tokens": int(offsets[-1]), "bytes": acc[s]["bytes"]}
     splits["dtype"] = dtype.name
+    if fim is not None:
+        splits["fim"] = {**fim.model_dump(), **fim_counts}
     return splits
 
 
@@ -137,13 +152,14 @@ def _write_batch(tok, batch, files, acc, dtype, bars, task) -> None:
     """Encode a batch of pieces and append their ids; a document's last piece adds its EOS and offset."""
     if not batch:
         return
-    encodings = tok.encode_batch([text for _, text, _, _ in batch], add_special_tokens=False)
-    for (is_val, _, n_bytes, doc_bytes), enc in zip(batch, encodings, strict=True):
+    encodings = tok.encode_batch([text for _, text, _, _, _ in batch], add_special_tokens=False)
+    for (is_val, _, n_bytes, doc_bytes, pre), enc in zip(batch, encodings, strict=True):
         split = "val" if is_val else "train"
         a, out = acc[split], files[split]
         last = doc_bytes is not None
-        ids = np.empty(len(enc.ids) + last, dtype=dtype)
-        ids[:len(enc.ids)] = enc.ids
+        ids = np.empty(len(pre) + len(enc.ids) + last, dtype=dtype)
+        ids[:len(pre)] = pre
+        ids[len(pre):len(pre) + len(enc.ids)] = enc.ids
         if last:
             ids[-1] = EOS_ID
         out.write(ids.tobytes())

@@ -32,6 +32,7 @@ from tokenizers import Tokenizer
 
 from moelab.common.atomic import TOKENS, check_output_dir, write_dir
 from moelab.common.progress import Bars
+from moelab.data.fim import FimSettings
 from moelab.data.sources import DataWarning, Document, ReadStats, Source
 from moelab.data.tokenizer import (
     check_layout,
@@ -62,6 +63,7 @@ def prepare(
     progress: bool = True,
     console: Console | None = None,
     max_chunk_bytes: int = MAX_CHUNK_BYTES,
+    fim: FimSettings | None = None,
 ) -> dict:
     """Read ``sources``, train (or load) a tokenizer, and write a token directory at ``out_dir``.
 
@@ -78,6 +80,10 @@ def prepare(
     it, cut just before a whitespace character that precedes a word, which leaves the tokens unchanged;
     only where a piece has no such place in its second half is it cut mid-word, which can change the one
     or two tokens at that cut (see :func:`chunks`).
+
+    ``fim``: fill-in-the-middle for the train split (:mod:`moelab.data.fim`; the val split stays
+    left-to-right, so its perplexity measures left-to-right ability); ``meta.json`` records the settings,
+    how many documents were rearranged and how many drawn ones were too short to cut.
     """
     if max_chunk_bytes < MIN_CHUNK_BYTES:
         raise DataError(f"max_chunk_bytes must be at least {MIN_CHUNK_BYTES} (got {max_chunk_bytes})")
@@ -125,7 +131,7 @@ def prepare(
 
                 tok = train_tokenizer(train_texts(), vocab_size, min_frequency)
                 bars.update(task, description="trained tokenizer", completed=n_train + 1)
-            splits = encode_splits(tok, docs(), tmp, int(lengths.sum()), len(keys), bars, max_chunk_bytes)
+            splits = encode_splits(tok, docs(), tmp, int(lengths.sum()), len(keys), bars, max_chunk_bytes, fim)
         vocab = tok.get_vocab_size(with_added_tokens=True)
         save_tokenizer(tok, tmp)
         meta = _meta(splits, vocab, per_source, stats, seed, val_fraction, val_docs, trained, tokenizer,
@@ -214,6 +220,7 @@ def _choose_val(keys: np.ndarray, val_fraction: float, val_docs: int | None) -> 
 def _meta(splits, vocab, per_source, stats, seed, val_fraction, val_docs, trained, tokenizer,
           min_frequency) -> dict:
     dtype = splits.pop("dtype")
+    fim = splits.pop("fim", None)
     for s in splits.values():
         s["bytes_per_token"] = bytes_per_token(s["bytes"], s["tokens"])
     total_b = sum(s["bytes"] for s in splits.values())
@@ -228,6 +235,7 @@ def _meta(splits, vocab, per_source, stats, seed, val_fraction, val_docs, traine
         "skipped_files": len(stats.skipped_files), "skipped_lines": stats.skipped_lines,
         "skipped_paths": stats.skipped_files[:100],
         "seed": seed, "val_fraction": val_fraction if val_docs is None else None, "val_docs": val_docs,
+        **({"fim": fim} if fim is not None else {}),
         "tokenizer": ({"trained": True, "min_frequency": min_frequency} if trained
                       else {"trained": False, "from": str(tokenizer) if not isinstance(tokenizer, Tokenizer)
                             else None}),
