@@ -111,15 +111,15 @@ def test_prepared_documents_have_the_exact_psm_layout(fim_corpus):
     val_texts = set()
     bins = {s: np.fromfile(out / f"{s}.bin", dtype=meta["dtype"]) for s in ("train", "val")}
     idx = {s: np.load(out / f"{s}.idx.npy") for s in ("train", "val")}
-    val = [bins["val"][a:b].tolist() for a, b in zip(idx["val"][:-1], idx["val"][1:])]
+    val = [bins["val"][a:b].tolist() for a, b in zip(idx["val"][:-1], idx["val"][1:], strict=True)]
     for d in val:                                # left-to-right: no sentinel, EOS last
         assert not sentinels & set(d) and d[-1] == eos
         val_texts.add(tok.decode(d[:-1], skip_special_tokens=False))
-    train = [bins["train"][a:b].tolist() for a, b in zip(idx["train"][:-1], idx["train"][1:])]
+    train = [bins["train"][a:b].tolist() for a, b in zip(idx["train"][:-1], idx["train"][1:], strict=True)]
     rearranged = 0
     train_order = [(i, t) for i, t in enumerate(order) if t not in val_texts]
     assert len(train_order) == len(train)
-    for (i, text), got in zip(train_order, train):
+    for (i, text), got in zip(train_order, train, strict=True):
         drawn, split = fim_split(text, settings, i)
         assert got[-1] == eos and got.count(eos) == 1            # EOS last; nothing crosses into the next doc
         if split is None:

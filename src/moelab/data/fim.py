@@ -121,5 +121,5 @@ def fim_document_ids(tok, split: FimSplit, eos_id: int) -> list[int]:
     return [ids[FIM_BEGIN], *p, ids[FIM_HOLE], *s, ids[FIM_END], *m, eos_id]
 
 
-__all__ = ["PSM", "FimSettings", "FimSplit", "encode_plain", "encode_plain_many", "fim_document_ids", "fim_prompt_ids", "fim_split",
-           "sentinel_ids"]
+__all__ = ["PSM", "FimSettings", "FimSplit", "encode_plain", "encode_plain_many", "fim_document_ids",
+           "fim_prompt_ids", "fim_split", "sentinel_ids"]
