@@ -169,6 +169,10 @@ def generate(
         help="Checkpoint directory (config.json + safetensors [+ tokenizer.json]).")],
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Text to continue.")] = None,
     prompt_ids: Annotated[str | None, typer.Option(help="Comma-separated token ids instead of --prompt.")] = None,
+    fim_prefix: Annotated[str | None, typer.Option(
+        help="Fill in the middle: the code before the hole (with --fim-suffix; instead of --prompt). Sends "
+             "<｜fim▁begin｜>PREFIX<｜fim▁hole｜>SUFFIX<｜fim▁end｜> and prints the middle the model writes.")] = None,
+    fim_suffix: Annotated[str | None, typer.Option(help="Fill in the middle: the code after the hole.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=0, help="Tokens to generate.")] = 64,
     greedy: Annotated[bool, typer.Option(
         "--greedy", help="Always take the most likely token (deterministic).")] = False,
@@ -193,6 +197,8 @@ def generate(
         moelab generate runs/tiny-init --prompt "To be, or not to be" -n 32 --greedy
 
         moelab generate CKPT -p "Once upon" --temperature 0.8 --top-p 0.95 --seed 1
+
+        moelab generate CKPT --fim-prefix "def area(r):\n    return " --fim-suffix "\n" --greedy
     """
     import torch
 
@@ -201,8 +207,9 @@ def generate(
     from moelab.infer import generate as run_generate
     from moelab.interop.checkpoint import load
 
-    if (prompt is None) == (prompt_ids is None):
-        raise MoelabError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    fim = fim_prefix is not None or fim_suffix is not None
+    if (prompt is not None) + (prompt_ids is not None) + fim != 1:
+        raise MoelabError("give exactly one of --prompt TEXT, --prompt-ids 1,2,3 or --fim-prefix/--fim-suffix")
     if dtype not in (None, "float32", "bfloat16"):
         raise MoelabError(f"--dtype must be float32 or bfloat16 (got {dtype})")
     dev = resolve_device(device)
@@ -214,9 +221,12 @@ def generate(
     model = load(checkpoint, dtype=dtype, device=dev, progress=True)
     cfg = model.config
     tokenizer = None
-    if prompt is not None:
+    if prompt is not None or fim:
+        from moelab.data.fim import fim_prompt_ids
+
         tokenizer = load_tokenizer(checkpoint)
-        ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+        ids = (fim_prompt_ids(tokenizer, fim_prefix or "", fim_suffix or "") if fim
+               else tokenizer.encode(prompt, add_special_tokens=False).ids)
         if bos and cfg.bos_token_id is not None:
             ids = [cfg.bos_token_id, *ids]
     else:

@@ -165,3 +165,18 @@ def test_text_spelling_a_sentinel_is_encoded_as_bytes(deepseek_v3_tokenizer):
     ids = encode_plain(tok, "x = '<｜fim▁hole｜>'  # <｜end▁of▁sentence｜>")
     assert not {0, 1, 128800, 128801, 128802} & set(ids)
     assert tok.decode(ids) == "x = '<｜fim▁hole｜>'  # <｜end▁of▁sentence｜>"
+
+
+def test_generate_fills_in_the_middle(tiny_checkpoint):
+    """`moelab generate --fim-prefix/--fim-suffix` sends the PSM prompt and prints the middle it writes."""
+    from typer.testing import CliRunner
+
+    from moelab.cli import app
+
+    res = CliRunner().invoke(app, ["generate", str(tiny_checkpoint), "--fim-prefix", "def f(x):\n    return ",
+                                   "--fim-suffix", "\n", "-n", "4", "--greedy", "--ids", "--device", "cpu",
+                                   "--no-stream"])
+    assert res.exit_code == 0, res.output
+    assert len(res.output.strip().splitlines()[-1].split(",")) == 4
+    both = CliRunner().invoke(app, ["generate", str(tiny_checkpoint), "-p", "x", "--fim-prefix", "y"])
+    assert both.exit_code == 1 and "exactly one of" in both.output

