@@ -22,16 +22,39 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+class MixtureSource(_Section):
+    """One source of ``[data.mixture.NAME]``: a token directory and its share of the training rows."""
+
+    path: str
+    weight: float
+
+
 class DataConfig(_Section):
-    """Where the tokens come from (a directory written by ``moelab data prepare``)."""
+    """Where the tokens come from (a directory written by ``moelab data prepare``), or a weighted mixture
+    of such directories prepared with one tokenizer (:mod:`moelab.data.tokens.mixture`)::
+
+        [data.mixture.code]                 # e.g. DeepSeek-Coder-V2: 60% code, 10% math, 30% text
+        path = "runs/data/code"
+        weight = 0.6
+
+    With a mixture, ``path`` is not used: validation runs on the first source, and every other source's
+    validation split is logged as ``{name}_val_loss`` / ``_ppl`` / ``_bpb``."""
 
     path: str = "runs/data/shakespeare"
     seq_len: int = 256
+    mixture: dict[str, MixtureSource] | None = None
 
     @model_validator(mode="after")
     def _check(self):
         if self.seq_len < 2:
             raise ValueError(f"data.seq_len must be >= 2 (got {self.seq_len})")
+        if self.mixture is not None:
+            if not self.mixture:
+                raise ValueError("data.mixture is empty; give at least one [data.mixture.NAME] with path and weight")
+            bad = {k: m.weight for k, m in self.mixture.items() if not m.weight >= 0}
+            if bad or sum(m.weight for m in self.mixture.values()) <= 0:
+                raise ValueError(f"data.mixture weights must be >= 0 and not all 0 (got "
+                                 f"{ {k: m.weight for k, m in self.mixture.items()} })")
         return self
 
 
@@ -209,4 +232,5 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raise ConfigError(format_validation_error(e, str(path), RunConfig)) from None
 
 
-__all__ = ["BalanceConfig", "DataConfig", "RunConfig", "TrainConfig", "apply_overrides", "load_run_config"]
+__all__ = ["BalanceConfig", "DataConfig", "MixtureSource", "RunConfig", "TrainConfig", "apply_overrides",
+           "load_run_config"]

@@ -254,10 +254,10 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
     check_run_dir(Path(run_dir), resume)       # before any work: a refused run costs nothing
     check_device(tc)
     check_context(dc.seq_len, cfg.model)      # before loading anything
-    train_data, val_data = TokenData(dc.path, "train"), TokenData(dc.path, "val")
+    train_data, val_data, extra = open_data(dc)
     tok_vocab = int(train_data.meta["vocab_size"])
     if tok_vocab > cfg.model.vocab_size:
-        raise TrainingError(f"the tokenizer in {dc.path} has {tok_vocab} tokens but model.vocab_size is "
+        raise TrainingError(f"the tokenizer in {train_data.path} has {tok_vocab} tokens but model.vocab_size is "
                             f"{cfg.model.vocab_size}; raise model.vocab_size to at least {tok_vocab}")
     if tc.init_from:
         check_same_architecture(cfg.model, tc.init_from)
@@ -267,9 +267,23 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
     else:
         model = DeepSeekForCausalLM.from_config(cfg.model, seed=tc.seed)
     job = Job(model=model, train_data=train_data, val_data=val_data, config_json=cfg.model_dump_json(indent=2),
-              tokenizer_file=Path(dc.path) / "tokenizer.json")
+              tokenizer_file=Path(train_data.path) / "tokenizer.json", extra_evals=extra)
     return fit(job, tc, cfg.balance, dc.seq_len, run_dir, resume=resume, progress=progress, on_event=on_event,
                allow_config_change=allow_config_change, parallel=cfg.parallel)
+
+
+def open_data(dc) -> tuple[object, TokenData, dict[str, TokenData]]:
+    """(train data, validation data, extra validation sets) of ``[data]``: one token directory, or a
+    weighted mixture (validated on its first source; the others' val splits as extra sets)."""
+    if not dc.mixture:
+        return TokenData(dc.path, "train"), TokenData(dc.path, "val"), {}
+    from moelab.data.tokens.mixture import MixtureData
+
+    sources = {name: (m.path, m.weight) for name, m in dc.mixture.items()}
+    train_data = MixtureData(sources, "train")
+    names = list(sources)
+    return (train_data, TokenData(sources[names[0]][0], "val"),
+            {name: TokenData(sources[name][0], "val") for name in names[1:]})
 
 
 def check_device(tc: TrainConfig) -> torch.device:

@@ -63,7 +63,8 @@ class TokenData:
         """Token ids of document ``i``, ending with EOS."""
         return np.asarray(self.tokens[self.doc_offsets[i]:self.doc_offsets[i + 1]])
 
-    def _need(self, seq_len: int, batch_size: int) -> None:
+    def check_fits(self, seq_len: int, batch_size: int) -> None:
+        """A :class:`DataError` unless windows of ``seq_len`` + 1 tokens fit this split."""
         if seq_len < 1 or batch_size < 1:
             raise DataError(f"seq_len and batch_size must be >= 1 (got {seq_len}, {batch_size})")
         if self.n_tokens < seq_len + 1:
@@ -79,12 +80,12 @@ class TokenData:
         give each rank its own ``micro`` (e.g. ``rank * grad_accum + micro``).
         Returns x, y: int64 [B, T], y[:, t] == x[:, t + 1] (the next token).
         """
-        self._need(seq_len, batch_size)
+        self.check_fits(seq_len, batch_size)
         if min(step, micro, seed) < 0:
             raise DataError(f"step, micro and seed must be >= 0 (got {step}, {micro}, {seed})")
         rng = np.random.default_rng([seed, step, micro])
         starts_B = rng.integers(0, self.n_tokens - seq_len, size=batch_size)
-        return self._windows(starts_B, seq_len)
+        return self.windows(starts_B, seq_len)
 
     def eval_batches(self, batch_size: int, seq_len: int,
                      max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -93,19 +94,20 @@ class TokenData:
         The targets of all windows tile tokens[1 : W*T + 1] exactly once (W = (N - 1) // T windows; fewer
         than T tokens at the end are left out). The last batch may have fewer than B rows.
         """
-        self._need(seq_len, batch_size)
+        self.check_fits(seq_len, batch_size)
         n_windows = self.n_eval_windows(seq_len)
         n_batches = -(-n_windows // batch_size)
         if max_batches is not None:
             n_batches = min(n_batches, max_batches)
         for b in range(n_batches):
             k = np.arange(b * batch_size, min((b + 1) * batch_size, n_windows))
-            yield self._windows(k * seq_len, seq_len)
+            yield self.windows(k * seq_len, seq_len)
 
     def n_eval_windows(self, seq_len: int) -> int:
         return max(self.n_tokens - 1, 0) // seq_len
 
-    def _windows(self, starts_B: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def windows(self, starts_B: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y int64 ``[B, T]`` of the windows starting at ``starts_B`` ``[B]``."""
         idx_BT1 = starts_B[:, None] + np.arange(seq_len + 1)  # [B, T+1]
         w_BT1 = torch.from_numpy(self.tokens[idx_BT1].astype(np.int64))
         return w_BT1[:, :-1].contiguous(), w_BT1[:, 1:].contiguous()
