@@ -44,6 +44,8 @@ def _tree(root):
         (root / name).write_text(text, encoding="utf-8")
     (root / "pkg" / "bin.py").write_bytes(b"x = 1\n\0\0\0binary")
     (root / "pkg" / "latin.py").write_bytes("name = 'café'\n".encode("latin-1"))
+    (root / "pkg" / "zero.py").symlink_to("/dev/zero")                    # reading it would never end
+    (root / "pkg" / "dangling.py").symlink_to(root / "nowhere.py")
     return root
 
 
@@ -62,6 +64,7 @@ def test_filters_dedup_and_reasons(tmp_path):
     assert set(report.quality) == {"a line longer than 1000 chars", "under 25% alphabetic",
                                    "JSON size outside 50-5000 chars", "HTML with under 20% visible text"}
     assert report.examples["near duplicate"] == "pkg/near.py" and report.examples["exact duplicate"] == "pkg/good.py"
+    assert d["not a regular file"] == 2
     assert report.to_dict()["kept_files"] == 4
 
 

@@ -9,7 +9,7 @@ Every file below each root (sorted; hidden entries, ``__pycache__``, ``site-pack
 and ``--exclude`` names skipped) goes through, in order, and the first failing check names why it is
 dropped:
 
-    too large (> max_file_bytes) · binary (a NUL byte in its first 8 KiB) · not UTF-8 · unknown extension
+    not a regular file (a device, FIFO, broken link) · too large (> max_file_bytes) · binary (a NUL byte in its first 8 KiB) · not UTF-8 · unknown extension
     · empty · the quality filters (:mod:`moelab.data.code_filters`) · exact duplicate (same text as a kept
     file) · near duplicate (MinHash, estimated Jaccard ≥ ``near_threshold`` with a kept file:
     :mod:`moelab.data.minhash`)
@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import sysconfig
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ STDLIB = "stdlib"
 ALWAYS_SKIPPED = {"__pycache__", "site-packages", "dist-packages", "node_modules"}
 STDLIB_TESTS = {"test", "tests", "idle_test"}
 #: reasons, in the order the checks run
-REASONS = ("too large", "binary", "not UTF-8", "unknown extension", "empty", "quality", "exact duplicate",
+REASONS = ("not a regular file", "too large", "binary", "not UTF-8", "unknown extension", "empty", "quality", "exact duplicate",
            "near duplicate")
 
 
@@ -150,12 +151,14 @@ def _check(root: Path, path: Path, report: CodeReport, exact: set[bytes], near: 
            max_file_bytes: int, rules: QualityRules) -> dict | None:
     rel = str(path.relative_to(root))
     try:
-        size = path.stat().st_size
-        if size > max_file_bytes:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):            # a device, a FIFO, a socket (read_bytes could block forever)
+            return report.drop("not a regular file", rel)
+        if st.st_size > max_file_bytes:
             return report.drop("too large", rel)
         data = path.read_bytes()
-    except OSError:
-        return report.drop("binary", rel)            # unreadable (a socket, a broken link): not text
+    except OSError:                                 # a broken link, no permission
+        return report.drop("not a regular file", rel)
     if b"\0" in data[:8192]:
         return report.drop("binary", rel)
     try:

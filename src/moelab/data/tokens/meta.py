@@ -48,10 +48,19 @@ def _count(n: int | None, what: str) -> str:
     return f" · {n} {what}{'s' if n != 1 else ''} skipped" if n else ""
 
 
+def _fim_caption(meta: dict) -> str:
+    fim = meta.get("fim")
+    if not fim:
+        return ""
+    short = f", {fim['too_short']:,} too short to cut" if fim.get("too_short") else ""
+    return (f"\nFIM ({fim['fim_mode']}, rate {fim['fim_rate']:g}): {fim['documents']:,} of "
+            f"{meta['splits']['train']['documents']:,} train documents rearranged{short}; val left-to-right")
+
+
 def summary_table(meta: dict, title: str | None = None) -> Table:
     """Documents, bytes, tokens and bytes/token per split, as a rich Table."""
     t = Table(title=title, title_justify="left",
-              caption=f"vocab {meta['vocab_size']:,} · {meta['dtype']} · seed {meta['seed']}"
+              caption=f"vocab {meta['vocab_size']:,} · {meta['dtype']} · seed {meta['seed']}" + _fim_caption(meta)
               + _count(meta.get("skipped_files"), "file") + _count(meta.get("skipped_lines"), "line"),
               caption_justify="left")
     t.add_column("split", style="bold")
