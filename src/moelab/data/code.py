@@ -9,8 +9,8 @@ Every file below each root (sorted; hidden entries, ``__pycache__``, ``site-pack
 and ``--exclude`` names skipped) goes through, in order, and the first failing check names why it is
 dropped:
 
-    not a regular file (a device, FIFO, broken link) · too large (> max_file_bytes) · binary (a NUL byte in its first 8 KiB) · not UTF-8 · unknown extension
-    · empty · the quality filters (:mod:`moelab.data.code_filters`) · exact duplicate (same text as a kept
+    not a regular file (a device, FIFO, broken link) · too large (> max_file_bytes) · binary (a NUL byte
+    in its first 8 KiB) · not UTF-8 · unknown extension · empty · the quality filters (:mod:`moelab.data.code_filters`) · exact duplicate (same text as a kept
     file) · near duplicate (MinHash, estimated Jaccard ≥ ``near_threshold`` with a kept file:
     :mod:`moelab.data.minhash`)
 
@@ -42,7 +42,8 @@ STDLIB = "stdlib"
 ALWAYS_SKIPPED = {"__pycache__", "site-packages", "dist-packages", "node_modules"}
 STDLIB_TESTS = {"test", "tests", "idle_test"}
 #: reasons, in the order the checks run
-REASONS = ("not a regular file", "too large", "binary", "not UTF-8", "unknown extension", "empty", "quality", "exact duplicate",
+REASONS = ("not a regular file", "too large", "binary", "not UTF-8", "unknown extension", "empty", "quality",
+           "exact duplicate",
            "near duplicate")
 
 
