@@ -10,9 +10,9 @@ and ``--exclude`` names skipped) goes through, in order, and the first failing c
 dropped:
 
     not a regular file (a device, FIFO, broken link) · too large (> max_file_bytes) · binary (a NUL byte
-    in its first 8 KiB) · not UTF-8 · unknown extension · empty · the quality filters (:mod:`moelab.data.code_filters`) · exact duplicate (same text as a kept
-    file) · near duplicate (MinHash, estimated Jaccard ≥ ``near_threshold`` with a kept file:
-    :mod:`moelab.data.minhash`)
+    in its first 8 KiB) · not UTF-8 · unknown extension · empty · the quality filters
+    (:mod:`moelab.data.code_filters`) · exact duplicate (same text as a kept file) · near duplicate
+    (MinHash, estimated Jaccard ≥ ``near_threshold`` with a kept file: :mod:`moelab.data.minhash`)
 
 A kept file is one line ``{"text", "path", "language"}`` (``path`` relative to its root, language from the
 extension). ``stdlib`` names ``sysconfig.get_paths()["stdlib"]`` without its test suites (``test``,
@@ -43,8 +43,7 @@ ALWAYS_SKIPPED = {"__pycache__", "site-packages", "dist-packages", "node_modules
 STDLIB_TESTS = {"test", "tests", "idle_test"}
 #: reasons, in the order the checks run
 REASONS = ("not a regular file", "too large", "binary", "not UTF-8", "unknown extension", "empty", "quality",
-           "exact duplicate",
-           "near duplicate")
+           "exact duplicate", "near duplicate")
 
 
 @dataclass
