@@ -27,7 +27,7 @@ LAYERS = {
     "config": 1,
     "model": 2,
     "interop": 3, "lm": 3,
-    "data": 4, "infer": 4, "dist": 4,
+    "data": 4, "infer": 4, "dist": 4, "vision": 4,
     "train": 5, "analysis": 5, "evaluate": 5,
     "tune": 6, "scaling": 6,
     "cli": 7, "cli_utils": 7,

@@ -33,6 +33,7 @@ from moelab.evaluate.cli import eval_app
 from moelab.scaling.cli import scaling_app
 from moelab.tune.cli import finetune_app
 from moelab.tune.esft_cli import esft_app
+from moelab.vision.cli import vl_app
 
 app = typer.Typer(
     name="moelab", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -48,9 +49,10 @@ app.add_typer(esft_app, name="esft", help="Expert-Specialized Fine-Tuning: score
 app.add_typer(analyze_app, name="analyze",
               help="Look inside a model: routing statistics, parameter activation and pruning, number probes.")
 app.add_typer(eval_app, name="eval",
-              help="Measure a model: perplexity / bits per byte, task harness, the UMP evaluation with the CCC prompt.")
+              help="Measure a model: perplexity / bits per byte, task harness, UMP/CCC, HumanEval, infilling, passkey.")
 app.add_typer(scaling_app, name="scaling",
               help="DeepSeek LLM scaling laws: FLOPs per token, LR/batch/model/data for a budget, IsoFLOP sweeps.")
+app.add_typer(vl_app, name="vl", help="DeepSeek-VL2: dynamic tiling and the image tokens of an image size.")
 
 
 def _human(n: float) -> str:

@@ -27,6 +27,7 @@ from rich.markup import escape
 
 from moelab.cli_utils import check_out_dir, check_out_file, err, friendly, resolve_device
 from moelab.errors import MoelabError
+from moelab.evaluate.load_cli import load_model
 
 eval_app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -38,27 +39,6 @@ ModelArg = Annotated[str, typer.Argument(help="'smollm2' or a checkpoint directo
 
 
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... (auto: cuda when available).")]
-
-
-def load_model(spec: str, device: str = "cpu"):
-    """``(model, tokenizer)`` with the model on ``device`` (checked with :func:`resolve_device` first);
-    transformers' own progress bars and notices are silenced."""
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:
-        raise MoelabError("evaluation needs transformers: pip install 'moelab[hf]'") from None
-    from moelab.interop.hf_lm import load_causal_lm
-
-    t0 = time.perf_counter()
-    model, tokenizer = load_causal_lm(spec)
-    model.to(device)
-    n = sum(p.numel() for p in model.parameters())
-    err.print(f"loaded {escape(spec)}: {type(model).__name__}, {n / 1e6:.1f}M parameters on {device} "
-              f"({time.perf_counter() - t0:.1f} s)", highlight=False)
-    return model, tokenizer
 
 
 @eval_app.command()
@@ -243,4 +223,4 @@ eval_app.command("humaneval")(humaneval)
 eval_app.command("infill")(infill)
 eval_app.command("passkey")(passkey)
 
-__all__ = ["eval_app", "load_model"]
+__all__ = ["eval_app"]

@@ -63,8 +63,8 @@ def humaneval(
         rows = read_samples(samples, load_problems())
         problems = {t: p for t, p in load_problems().items() if t in {t for t, _ in rows}}
     else:
-        from moelab.evaluate.cli import load_model
         from moelab.evaluate.humaneval_generate import generate_completions
+        from moelab.evaluate.load_cli import load_model
 
         if temperature == 0 and n > 1:
             raise MoelabError("--n > 1 needs sampling: set --temperature (e.g. 0.8)")

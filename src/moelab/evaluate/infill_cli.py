@@ -37,8 +37,8 @@ def infill(
         moelab eval infill runs/code-fim/model                       # HumanEval, 1,033 lines
         moelab eval infill runs/code-fim/model --source runs/code/heldout.jsonl --per-file 4
     """
-    from moelab.evaluate.cli import load_model
     from moelab.evaluate.infill import file_line_tasks, humaneval_line_tasks, run_infill
+    from moelab.evaluate.load_cli import load_model
 
     if out is not None:
         check_out_file(out, example="infill.json")

@@ -38,7 +38,7 @@ def passkey(
 
         moelab eval passkey runs/code-long/model --lengths 512,1024,2048,4096 --out runs/passkey
     """
-    from moelab.evaluate.cli import load_model
+    from moelab.evaluate.load_cli import load_model
     from moelab.evaluate.passkey import heatmap, run_passkey
 
     ns, ds = _numbers(lengths, int, "--lengths"), _numbers(depths, float, "--depths")
