@@ -81,17 +81,20 @@ class DeepSeekModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
-        B, T = input_ids.shape
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, *, inputs_embeds=None):
+        """``inputs_embeds`` ``[B, T, H]`` replaces the embedding of ``input_ids`` (a vision-language model
+        fills image positions with image features)."""
+        B, T = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
+        device = (input_ids if inputs_embeds is None else inputs_embeds).device
         past = cache.seq_len if cache is not None else 0
         if position_ids is None:
             if attention_mask is not None:  # left padding: count real tokens only
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
             else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
+                position_ids = torch.arange(past, past + T, device=device)[None]
         cos, sin = self.rotary_emb(position_ids)                          # [B|1, T, R/2]
-        mask = attention_mask_for(T, past, attention_mask, input_ids.device)
-        x = self.embed_tokens(input_ids)
+        mask = attention_mask_for(T, past, attention_mask, device)
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
         return self.norm(x)
@@ -202,10 +205,10 @@ class DeepSeekForCausalLM(nn.Module):
         h = self.model.decode_step(input_ids, position_ids, mask, slots, run_layer)
         return self.lm_head(h[:, -1])
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: DecodingCache | StaticCache | None = None,
-                logits_to_keep: int = 0) -> LMOutput:
-        h = self.model(input_ids, attention_mask, position_ids, cache)
+                logits_to_keep: int = 0, *, inputs_embeds: torch.Tensor | None = None) -> LMOutput:
+        h = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds=inputs_embeds)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return LMOutput(logits=self.lm_head(h), cache=cache)
