@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from moelab.common.chat_template import CHAT_TEMPLATE, wants_chat_template
 from moelab.errors import CheckpointError, DataError
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -104,12 +105,20 @@ def literal_text_tokenizer(tok: Tokenizer) -> Tokenizer:
     return Tokenizer.from_str(json.dumps(data))
 
 
+def tokenizer_config(tok: Tokenizer) -> dict:
+    """``tokenizer_config.json`` of a moelab tokenizer (with the chat template when it has the chat tokens)."""
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
+           "pad_token": PAD, "add_bos_token": False, "model_max_length": 1 << 30}
+    if wants_chat_template(lambda t: tok.token_to_id(t) is not None):
+        cfg["chat_template"] = CHAT_TEMPLATE
+    return cfg
+
+
 def save_tokenizer(tok: Tokenizer, directory: str | Path) -> None:
     """Write ``tokenizer.json`` + ``tokenizer_config.json`` so transformers' AutoTokenizer opens it."""
     d = Path(directory)
     tok.save(str(d / "tokenizer.json"))
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
-           "pad_token": PAD, "add_bos_token": False, "model_max_length": 1 << 30}
+    cfg = tokenizer_config(tok)
     (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
 
 

@@ -262,6 +262,25 @@ def copy_tokenizer(src: Path, directory: Path) -> None:
     for extra in TOKENIZER_FILES[1:]:
         if (src_dir / extra).is_file():
             shutil.copyfile(src_dir / extra, directory / extra)
+    _add_chat_template(directory)
+
+
+def _add_chat_template(directory: Path) -> None:
+    """Give a moelab tokenizer copied without a chat template (written before it had one) moelab's."""
+    from tokenizers import Tokenizer
+
+    from moelab.common.chat_template import CHAT_TEMPLATE, wants_chat_template
+
+    cfg_path = directory / "tokenizer_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
+        tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    except Exception:  # noqa: BLE001 - an unreadable tokenizer is left as it was copied
+        return
+    if cfg is None or "chat_template" in cfg or cfg.get("tokenizer_class") != "PreTrainedTokenizerFast":
+        return
+    if wants_chat_template(lambda t: tok.token_to_id(t) is not None):
+        cfg_path.write_text(json.dumps({**cfg, "chat_template": CHAT_TEMPLATE}, indent=2, ensure_ascii=False))
 
 
 __all__ = ["INDEX", "SINGLE", "TOKENIZER_FILES", "check_regular_file", "check_weight_files", "copy_tokenizer",
