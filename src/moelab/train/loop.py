@@ -70,7 +70,8 @@ def fit(job: Job, tc: TrainConfig, balance: BalanceConfig, seq_len: int, run_dir
     run_dir = Path(run_dir)
     device = check_device(tc)
     check_context(seq_len, job.model.config)
-    check_eval_data(job.val_data, tc.batch_size, seq_len)
+    for data in (job.val_data, *job.extra_evals.values()):
+        check_eval_data(data, tc.batch_size, seq_len)
     n_experts = job.model.config.n_routed_experts or 0
     ps = init_parallel(parallel or ParallelConfig(), device, n_experts, tc.batch_size)
     with ExitStack() as held:
