@@ -44,7 +44,8 @@ def tokens(
     if as_json:
         print(json.dumps(lay.to_dict()))
         return
-    t = Table(title=f"{lay.image[0]}×{lay.image[1]} image, tile {tile}, patch {patch}, downsample {downsample}")
+    t = Table(title=f"{lay.image[0]}×{lay.image[1]} image, tile {tile}, patch {patch}, downsample {downsample}",
+              show_header=False)
     t.add_column("")
     t.add_column("", justify="right")
     t.add_row("canvas", f"{lay.canvas[0]}×{lay.canvas[1]}" + ("" if lay.tiled else " (not tiled: > 2 images)"))
