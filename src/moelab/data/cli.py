@@ -118,6 +118,53 @@ def code(
 
 @data_app.command()
 @friendly
+def prefs(
+    checkpoint: Annotated[Path, typer.Argument(help="A moelab checkpoint (with its tokenizer) to sample from.")],
+    task_file: Annotated[Path, typer.Option("--tasks", help="Prompt/completion JSON Lines with reference answers "
+                                                           "(`moelab data tasks`).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Preference JSON Lines to write.")],
+    samples: Annotated[int, typer.Option(min=2, help="Answers sampled per prompt.")] = 8,
+    temperature: Annotated[float, typer.Option(min=0.01, help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option(min=0.01, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer budget.")] = 16,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N prompts.")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Sampling seed.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, ... (auto: cuda when available).")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+):
+    """On-policy preference pairs for DPO from the model's own samples: per prompt, a correct answer
+    (exact match with the reference) is chosen and an incorrect one rejected.
+
+        moelab data prefs runs/ft-full/model --tasks runs/tasks/arith-train.jsonl --out runs/prefs.jsonl
+    """
+    from moelab.cli_utils import resolve_device
+    from moelab.common.progress import Bars
+    from moelab.data.sft import read_jsonl
+    from moelab.data.tasks import check_jsonl_out, write_jsonl
+    from moelab.data.tokenizer import load_tokenizer
+    from moelab.errors import DataError
+    from moelab.interop.checkpoint import load
+    from moelab.tune.preferences import build_preferences
+
+    check_jsonl_out(out)
+    rows = [{"messages": msgs} for _, msgs in read_jsonl(task_file, skip_hint=None)][:limit]
+    model = load(checkpoint, device=resolve_device(device))
+    tok = load_tokenizer(checkpoint)
+    with Bars(enabled=not quiet) as bars:
+        task = bars.add_task("sampling", total=len(rows))
+        pairs, st = build_preferences(model, tok, rows, samples, temperature, top_p, max_new_tokens, seed=seed,
+                                      on_batch=lambda k: bars.advance(task, k))
+    summary = (f"{st.prompts:,} prompts, {st.correct_samples:,} of {st.samples:,} samples correct; "
+               f"{st.all_correct:,} prompts always right and {st.all_wrong:,} always wrong give no pair")
+    if not pairs:
+        raise DataError(f"no preference pairs: {summary}. Sample more answers (--samples) or at another "
+                        "--temperature, or use a model that solves some of the prompts")
+    write_jsonl(pairs, out)
+    err.print(f"wrote {len(pairs):,} pairs to {escape(str(out))} ({summary})")
+
+
+@data_app.command()
+@friendly
 def info(
     directory: Annotated[Path, typer.Argument(help="A token directory written by `moelab data prepare`.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print meta.json as it is.")] = False,
