@@ -213,9 +213,11 @@ class Trainer:
                     lr = self.schedule.apply(self.optimizer, self.job.schedule_step(self.step))
                     stats = train_step(self.model, self.job.train_data, self.balancer, self.optimizer, tc,
                                        self.seq_len, self.step, self.last_ckpt, ps, self.frozen_rows)
-                    if ps.distributed:    # the job's mean losses, and an interrupt seen by any rank
-                        stats.loss, stats.aux_loss, stopping = all_mean(
-                            [stats.loss, stats.aux_loss, float(stop.requested)], ps)
+                    if ps.distributed:    # the job's mean losses and metrics, and an interrupt seen by any rank
+                        keys = sorted(stats.extra)
+                        stats.loss, stats.aux_loss, stopping, *vals = all_mean(
+                            [stats.loss, stats.aux_loss, float(stop.requested), *(stats.extra[k] for k in keys)], ps)
+                        stats.extra = dict(zip(keys, vals, strict=True))
                         if stopping > 0:
                             stop.requested = True
                     self.step += 1
@@ -230,7 +232,7 @@ class Trainer:
                                "aux_loss": stats.aux_loss, "lr": lr, "grad_norm": stats.grad_norm,
                                "tokens_per_s": window_tokens / (now - window_t),
                                "maxvio_batch": bal.get("maxvio_batch", 0.0),
-                               "maxvio_batch_layers": bal.get("maxvio_batch_layers", [])}
+                               "maxvio_batch_layers": bal.get("maxvio_batch_layers", []), **stats.extra}
                         log.write(rec)
                         self.emit("log", rec)
                         window_t, window_tokens, losses = now, 0, []

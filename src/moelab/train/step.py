@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,9 +30,10 @@ from moelab.train.frozen_rows import FrozenRows
 
 @dataclass
 class StepStats:
-    loss: float          # mean LM loss over the micro-batches
+    loss: float          # mean LM loss over the micro-batches (or the data's own loss, e.g. DPO)
     aux_loss: float      # mean auxiliary (balancing) loss
     grad_norm: float     # total gradient norm before clipping
+    extra: dict = field(default_factory=dict)   # the data's own metrics, mean over micro-batches
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, row_masked: list | None = None) -> list[dict]:
@@ -116,17 +117,28 @@ def train_step(model, data, balancer: Balancer, optimizer: torch.optim.Optimizer
     Under torchrun (``ps``) each rank trains on its rows of the same global micro-batch, so the batches do
     not depend on the world size; the returned losses are this rank's (the caller averages them)."""
     ps = ps or ParallelState.single(model.device)
-    loss_sum, aux = 0.0, 0.0
+    loss_sum, aux, extra = 0.0, 0.0, {}
     device = ps.device
     for micro in range(tc.grad_accum):
-        x_all, y_all = data.batch(tc.batch_size, seq_len, step, micro, tc.seed)
-        x, y = ps.my_rows(x_all), ps.my_rows(y_all)
-        weight = rank_weight(y, y_all, ps.world)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        batch = data.batch(tc.batch_size, seq_len, step, micro, tc.seed)
+        own = isinstance(batch, dict)      # data with its own loss (DPO): {"x", "y", ...} and data.loss_fn
+        if own:
+            rows = {k: ps.my_rows(v) for k, v in batch.items()}
+            x = rows["x"].to(device, non_blocking=True)
+        else:
+            x_all, y_all = batch
+            x, y = ps.my_rows(x_all), ps.my_rows(y_all)
+            weight = rank_weight(y, y_all, ps.world)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         try:
             with autocast_ctx(tc.dtype, device):
                 logits = model(x).logits
-            loss = lm_loss(logits, y) * weight if weight != 1.0 else lm_loss(logits, y)
+            if own:          # every rank holds as many pairs: the mean over ranks is the global mean
+                loss, metrics = data.loss_fn(logits, rows)
+                for k, v in metrics.items():
+                    extra[k] = extra.get(k, 0.0) + v / tc.grad_accum
+            else:
+                loss = lm_loss(logits, y) * weight if weight != 1.0 else lm_loss(logits, y)
             del logits
             aux_t = balancer.pop_aux_loss()
             total = loss if aux_t is None else loss + aux_t
@@ -149,4 +161,4 @@ def train_step(model, data, balancer: Balancer, optimizer: torch.optim.Optimizer
                         "a lower train.lr, more train.warmup_steps, or train.dtype = 'float32'")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(loss_sum, aux, grad_norm)
+    return StepStats(loss_sum, aux, grad_norm, extra)

@@ -18,7 +18,8 @@ from rich.console import Console
 from moelab.cli_utils import err, friendly
 
 finetune_app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                           help="Fine-tune a checkpoint on chat / prompt-completion data: full, lora, plora, esft.")
+                           help="Fine-tune a checkpoint on chat / prompt-completion data (full, lora, plora, "
+                                "esft) or on preference pairs (dpo).")
 
 _CONFIG = typer.Argument(help="TOML with [finetune] (base), [data] (path, seq_len), [train] and method sections.")
 _OUT = typer.Option("--out", "-o", help="Run directory (default: runs/ft-<method>-<config name>).")
@@ -100,6 +101,18 @@ finetune_app.command("esft")(_command("esft", """ESFT: train only the task-relev
     (expert_cfg.json + the trained experts' weights).
 
         moelab finetune esft configs/finetune-arith.toml --set esft.expert_config=runs/esft/expert_cfg.json
+    """))
+
+
+finetune_app.command("dpo")(_command("dpo", """DPO: learn from preference pairs (prompt, chosen, rejected).
+
+    data.path is a preference JSON Lines file ({"prompt", "chosen", "rejected"}, or chat "messages" with
+    the answers; `moelab data prefs` makes one from a model's own samples). The reference is the base
+    model (its log-probabilities computed once). [dpo] sets beta (0.1), loss (sigmoid or ipo),
+    label_smoothing and what trains (full, lora or esft). Logged besides the loss: dpo_margin,
+    dpo_accuracy, chosen_reward, rejected_reward and logratio (policy vs reference).
+
+        moelab finetune dpo configs/finetune-arith.toml --set data.path=runs/prefs.jsonl --set train.lr=5e-6
     """))
 
 

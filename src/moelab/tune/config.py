@@ -10,6 +10,7 @@ Sections::
     [lora]      LoRA settings (methods lora and plora)
     [plora]     PeriodicLoRA settings (method plora)
     [esft]      ESFT expert configuration (method esft)
+    [dpo]       DPO settings (method dpo): beta, loss, label smoothing, what trains
     [parallel]  under torchrun: dp × ep, FSDP2 or DDP (as for pre-training; :mod:`moelab.dist.mesh`)
 
 The method comes from the command line (``moelab finetune lora ...``), or ``finetune.method``.
@@ -33,10 +34,10 @@ from moelab.train.config import BalanceConfig, TrainConfig, apply_overrides
 from moelab.tune.lora import LoraSettings
 from moelab.tune.plora import PLoraSettings
 
-Method = Literal["full", "lora", "plora", "esft"]
-METHODS = ("full", "lora", "plora", "esft")
-DEFAULT_LR = {"full": 3e-5, "lora": 1e-4, "plora": 1e-4, "esft": 1e-5}
-SECTIONS = {"finetune", "data", "train", "balance", "lora", "plora", "esft", "runtime", "parallel"}
+Method = Literal["full", "lora", "plora", "esft", "dpo"]
+METHODS = ("full", "lora", "plora", "esft", "dpo")
+DEFAULT_LR = {"full": 3e-5, "lora": 1e-4, "plora": 1e-4, "esft": 1e-5, "dpo": 5e-6}
+SECTIONS = {"finetune", "data", "train", "balance", "lora", "plora", "esft", "dpo", "runtime", "parallel"}
 
 
 class _Section(BaseModel):
@@ -85,6 +86,26 @@ class EsftSection(_Section):
     expert_config: str | None = None
 
 
+class DPOSettings(_Section):
+    """``[dpo]``: Direct Preference Optimization (DeepSeek LLM: one epoch, LR 5e-6, batch 512, warm-up +
+    cosine). ``data.path`` is a preference JSON Lines file (:mod:`moelab.data.prefs`); the reference is the
+    base model, its log-probabilities computed once before training. ``train`` picks what learns: every
+    weight, LoRA adapters ([lora]) or the selected experts ([esft])."""
+
+    beta: float = 0.1
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = 0.0
+    train: Literal["full", "lora", "esft"] = "full"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.beta > 0:
+            raise ValueError(f"dpo.beta must be > 0 (got {self.beta})")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"dpo.label_smoothing must be in [0, 0.5) (got {self.label_smoothing})")
+        return self
+
+
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     finetune: FinetuneSection
@@ -94,6 +115,7 @@ class FinetuneConfig(BaseModel):
     lora: LoraSettings = LoraSettings()
     plora: PLoraSettings = PLoraSettings()
     esft: EsftSection = EsftSection()
+    dpo: DPOSettings = DPOSettings()
     #: how to compute: kernels and attention path of the loaded base model, and train.compile
     runtime: RuntimeSettings = RuntimeSettings()
     parallel: ParallelConfig = ParallelConfig()    # torchrun jobs: dp × ep (full, lora with ep = 1, esft)
@@ -123,7 +145,8 @@ class FinetuneConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.method == "esft" and not self.esft.expert_config:
+        esft = self.method == "esft" or (self.method == "dpo" and self.dpo.train == "esft")
+        if esft and not self.esft.expert_config:
             raise ValueError("method esft needs esft.expert_config: the JSON written by `moelab esft select`")
         return self
 
@@ -153,5 +176,5 @@ def load_finetune_config(path: str | Path | None, overrides: list[str] = (), met
         raise ConfigError(format_validation_error(e, where, FinetuneConfig)) from None
 
 
-__all__ = ["DEFAULT_LR", "METHODS", "EsftSection", "FinetuneConfig", "FinetuneSection", "FinetuneTrainConfig",
-           "SFTDataConfig", "load_finetune_config"]
+__all__ = ["DEFAULT_LR", "METHODS", "DPOSettings", "EsftSection", "FinetuneConfig", "FinetuneSection",
+           "FinetuneTrainConfig", "SFTDataConfig", "load_finetune_config"]

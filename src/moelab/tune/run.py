@@ -69,9 +69,15 @@ def build_job(cfg: FinetuneConfig) -> tuple[Job, dict]:
     model = load_checkpoint_dir(base, dtype=torch.float32, **cfg.runtime.model_settings())
     base_params = count_params(model)[1]
     tokenizer = load_tokenizer(base)
-    train_data, val_data, stats = load_sft(
-        dc.path, tokenizer, dc.seq_len, template=dc.template, val_path=dc.val_path, val_fraction=dc.val_fraction,
-        packing=dc.packing, skip_malformed=dc.skip_malformed, seed=tc.seed, micro_per_step=tc.grad_accum)
+    if cfg.method == "dpo":
+        from moelab.tune.dpo_job import load_preference_data
+
+        train_data, val_data, stats = load_preference_data(cfg, tokenizer, model.config.vocab_size)
+    else:
+        train_data, val_data, stats = load_sft(
+            dc.path, tokenizer, dc.seq_len, template=dc.template, val_path=dc.val_path,
+            val_fraction=dc.val_fraction, packing=dc.packing, skip_malformed=dc.skip_malformed, seed=tc.seed,
+            micro_per_step=tc.grad_accum)
     vocab = int(train_data.meta["vocab_size"])
     if vocab > model.config.vocab_size:
         raise TrainingError(f"the tokenizer of {base} has {vocab} tokens but the model only "
@@ -82,13 +88,13 @@ def build_job(cfg: FinetuneConfig) -> tuple[Job, dict]:
     if dc.general_path:
         extra["general"] = TokenData(dc.general_path, "val")
 
-    method = cfg.method
+    method = cfg.method if cfg.method != "dpo" else cfg.dpo.train       # DPO trains as full / LoRA / ESFT
     summary = {"method": method, "base": str(base), "data": dc.path, "train_examples": train_data.meta["examples"],
                "val_examples": val_data.meta["examples"], "train_rows": len(train_data),
                "target_tokens": train_data.target_tokens, "skipped_lines": len(stats.skipped),
                "truncated_examples": stats.truncated, "dropped_examples": stats.no_target}
     common = dict(model=model, train_data=train_data, val_data=val_data, config_json=cfg.model_dump_json(indent=2),
-                  tokenizer_file=base / "tokenizer.json", extra_evals=extra, kind=method)
+                  tokenizer_file=base / "tokenizer.json", extra_evals=extra, kind=cfg.method)
     if method == "full":
         job = FullJob(**common)
     elif method in ("lora", "plora"):
@@ -110,6 +116,10 @@ def build_job(cfg: FinetuneConfig) -> tuple[Job, dict]:
         job = EsftJob(**common, expert_cfg=expert_cfg)
     else:  # pragma: no cover (validated by the config)
         raise TrainingError(f"unknown method {method}")
+    if cfg.method == "dpo":       # the reference: the base model (adapters still zero), before any step
+        train_data.set_reference(model)
+        val_data.set_reference(model)
+        summary.update(method="dpo", dpo=cfg.dpo.model_dump())
     summary["trainable_params"] = count_params(model)[0]
     summary["total_params"] = base_params      # of the base model (LoRA / ESFT copies not counted)
     return job, summary
@@ -130,7 +140,7 @@ def finetune(cfg: FinetuneConfig, run_dir: str | os.PathLike, resume: bool = Fal
     result = fit(job, cfg.train, cfg.balance, cfg.data.seq_len, run_dir, resume=resume, progress=progress,
                  on_event=on_event, allow_config_change=allow_config_change, parallel=cfg.parallel)
     if result.status == "finished" and os.environ.get("RANK", "0") == "0":    # torchrun: rank 0 writes
-        out = {"lora": "adapter", "esft": "esft"}.get(cfg.method, "model")
+        out = {"lora": "adapter", "esft": "esft"}.get(cfg.method if cfg.method != "dpo" else cfg.dpo.train, "model")
         summary["result"] = str(run_dir / out)
         summary["result_bytes"] = sum(f.stat().st_size for f in (run_dir / out).rglob("*") if f.is_file())
         summary["last_eval"] = result.last_eval
