@@ -3,6 +3,7 @@ left-to-right cost (DeepSeek-Coder-V2 §2 / Coder v1; docs/methods.md §11)?
 
     python benchmarks/fim.py                          # 3 seeds × 2 arms, 400 steps each (~25 min on 2 cores)
     python benchmarks/fim.py --steps 200 --seeds 0
+    python benchmarks/fim.py --eval-only              # evaluate the runs already in --out again
 
 The corpus is this machine's Python standard library (`moelab data code stdlib`: filtered, deduplicated);
 5% of its files (by a hash of their path) are held out for infilling. Both arms are prepared from the same
@@ -11,7 +12,8 @@ training documents PSM-style (`--fim-rate 0.5`), the validation split stays left
 tiny config (configs/tiny.toml with a 4,096-token vocabulary) trains the same number of steps on both.
 
 Reported per arm (mean ± spread over seeds): validation perplexity and bits/byte (left-to-right), single-line
-infilling exact match on the held-out files (``--per-file`` lines each) and on HumanEval's 1,033 lines.
+infilling exact match on the held-out files (``--per-file`` lines each) and on HumanEval's 1,033 lines, and
+the infilling NLL of those lines given the PSM prompt (the FIM loss: it moves before exact matches appear).
 Prints a table and a closing ``RESULT`` line. The paper's direction: infilling gained, left-to-right kept.
 """
 
@@ -58,14 +60,27 @@ def fmt(xs: list[float], spec: str) -> str:
 
 def evaluate_infill(model_dir: Path, heldout: Path, per_file: int, humaneval_limit: int | None) -> dict:
     from moelab.evaluate.humaneval import load_problems
-    from moelab.evaluate.infill import file_line_tasks, humaneval_line_tasks, run_infill
+    from moelab.evaluate.infill import file_line_tasks, humaneval_line_tasks, infill_nll, run_infill
     from moelab.interop.hf_lm import load_causal_lm
 
     model, tok = load_causal_lm(model_dir)
-    files = run_infill(model, tok, file_line_tasks(heldout, per_file=per_file, seed=0), batch_size=16)
-    he = run_infill(model, tok, humaneval_line_tasks(load_problems(), humaneval_limit), batch_size=16)
+    held_tasks = file_line_tasks(heldout, per_file=per_file, seed=0)
+    he_tasks = humaneval_line_tasks(load_problems(), humaneval_limit)
+    files = run_infill(model, tok, held_tasks, batch_size=16)
+    he = run_infill(model, tok, he_tasks, batch_size=16)
     return {"heldout_em": files["exact_match"], "heldout_n": files["n"], "humaneval_em": he["exact_match"],
-            "humaneval_n": he["n"]}
+            "humaneval_n": he["n"], "heldout_nll": infill_nll(model, tok, held_tasks, 16)["infill_nll"],
+            "humaneval_nll": infill_nll(model, tok, he_tasks, 16)["infill_nll"]}
+
+
+def _train(run: Path, data: Path, args, seed: int) -> dict:
+    """Train one arm from scratch; returns its final evaluation record."""
+    shutil.rmtree(run, ignore_errors=True)
+    sets = [f"data.path={data}", f"data.seq_len={args.seq_len}", f"model.vocab_size={args.vocab_size}",
+            f"train.steps={args.steps}", f"train.seed={seed}", f"train.eval_every={args.steps}",
+            f"train.ckpt_every={args.steps}", "train.eval_batches=32", "train.keep_last=1",
+            f"train.threads={args.threads}"]
+    return train(load_run_config(args.config, sets), run, progress=False).last_eval
 
 
 def main() -> None:
@@ -79,6 +94,7 @@ def main() -> None:
     ap.add_argument("--humaneval-limit", type=int, default=None, help="only the first N HumanEval lines")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     ap.add_argument("--out", default="runs/bench-fim")
+    ap.add_argument("--eval-only", action="store_true", help="evaluate the runs already in --out (no training)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,36 +119,41 @@ def main() -> None:
     for arm, rate in (("fim0", 0.0), ("fim05", 0.5)):
         for seed in args.seeds:
             run = out / f"{arm}-seed{seed}"
-            shutil.rmtree(run, ignore_errors=True)
-            sets = [f"data.path={data[arm]}", f"data.seq_len={args.seq_len}", f"model.vocab_size={args.vocab_size}",
-                    f"train.steps={args.steps}", f"train.seed={seed}", f"train.eval_every={args.steps}",
-                    f"train.ckpt_every={args.steps}", "train.eval_batches=32", "train.keep_last=1",
-                    f"train.threads={args.threads}"]
             t0 = time.perf_counter()
-            res = train(load_run_config(args.config, sets), run, progress=False)
-            ev = res.last_eval
+            if args.eval_only:
+                rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+                ev = next(r for r in reversed(rows) if "val_ppl" in r)
+            else:
+                ev = _train(run, data[arm], args, seed)
             inf = evaluate_infill(run / "model", held_p, args.per_file, args.humaneval_limit)
-            r = results.setdefault(arm, {"ppl": [], "bpb": [], "heldout_em": [], "humaneval_em": [], "minutes": []})
-            for k, v in (("ppl", ev["val_ppl"]), ("bpb", ev["val_bpb"]), ("heldout_em", inf["heldout_em"]),
-                         ("humaneval_em", inf["humaneval_em"]), ("minutes", (time.perf_counter() - t0) / 60)):
-                r[k].append(v)
+            r = results.setdefault(arm, {"ppl": [], "bpb": [], "heldout_em": [], "humaneval_em": [],
+                                         "heldout_nll": [], "humaneval_nll": [], "minutes": []})
+            for k in ("heldout_em", "humaneval_em", "heldout_nll", "humaneval_nll"):
+                r[k].append(inf[k])
+            r["ppl"].append(ev["val_ppl"])
+            r["bpb"].append(ev["val_bpb"])
+            r["minutes"].append((time.perf_counter() - t0) / 60)
             print(f"FIM {rate} seed {seed}: val ppl {ev['val_ppl']:.3f} ({ev['val_bpb']:.4f} bits/byte) · infilling "
                   f"EM held-out {inf['heldout_em']:.4f} (n={inf['heldout_n']}), HumanEval {inf['humaneval_em']:.4f} "
-                  f"(n={inf['humaneval_n']}) · {r['minutes'][-1]:.1f} min", flush=True)
+                  f"(n={inf['humaneval_n']}) · infill NLL held-out {inf['heldout_nll']:.3f}, HumanEval "
+                  f"{inf['humaneval_nll']:.3f} nats/token · {r['minutes'][-1]:.1f} min", flush=True)
 
     cfg = load_run_config(args.config, [f"data.seq_len={args.seq_len}"])
     tokens = args.steps * cfg.train.batch_size * cfg.train.grad_accum * args.seq_len
     print(f"\n{args.config} (vocab {args.vocab_size}), {args.steps} steps per run, seeds {args.seeds}\n")
-    print("| FIM rate | val perplexity (L2R) | bits/byte | infilling EM, held-out stdlib | infilling EM, HumanEval |")
-    print("|---|---|---|---|---|")
+    print("| FIM rate | val perplexity (L2R) | bits/byte | infilling EM, held-out stdlib | infilling EM, HumanEval "
+          "| infill NLL held-out (nats/token) | infill NLL HumanEval |")
+    print("|---|---|---|---|---|---|---|")
     for arm, r in results.items():
         print(f"| {0.5 if arm == 'fim05' else 0.0} | {fmt(r['ppl'], '.3f')} | {fmt(r['bpb'], '.4f')} "
-              f"| {fmt(r['heldout_em'], '.4f')} | {fmt(r['humaneval_em'], '.4f')} |")
+              f"| {fmt(r['heldout_em'], '.4f')} | {fmt(r['humaneval_em'], '.4f')} | {fmt(r['heldout_nll'], '.3f')} "
+              f"| {fmt(r['humaneval_nll'], '.3f')} |")
     m = {k: {q: statistics.fmean(v) for q, v in r.items()} for k, r in results.items()}
     a, b = m["fim0"], m["fim05"]
     print(f"\nRESULT fim0_ppl={a['ppl']:.4f} fim05_ppl={b['ppl']:.4f} ppl_ratio={b['ppl'] / a['ppl']:.4f} "
           f"fim0_heldout_em={a['heldout_em']:.4f} fim05_heldout_em={b['heldout_em']:.4f} "
           f"fim0_humaneval_em={a['humaneval_em']:.4f} fim05_humaneval_em={b['humaneval_em']:.4f} "
+          f"fim0_heldout_nll={a['heldout_nll']:.4f} fim05_heldout_nll={b['heldout_nll']:.4f} "
           f"(~{tokens:,} tokens per run)")
 
 

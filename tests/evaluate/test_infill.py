@@ -56,3 +56,29 @@ def test_cli_runs_on_a_checkpoint(tiny_checkpoint, tmp_path):
     assert res.exit_code == 0, res.output
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["n"] == 5 and len(result["examples"]) == 5
+
+
+def test_infill_nll_equals_one_task_at_a_time(tiny_checkpoint):
+    """Batched, left-padded scoring of the removed lines equals scoring each task alone, and a hand
+    computation of the first: −Σ log p(line + newline | PSM prompt)."""
+    import torch
+
+    from moelab.data.fim import encode_plain
+    from moelab.evaluate.infill import infill_nll
+    from moelab.interop.hf_lm import load_causal_lm
+
+    model, tok = load_causal_lm(tiny_checkpoint)
+    tasks = humaneval_line_tasks(load_problems(), limit=5)
+    tasks = [t.__class__(t.name, t.prefix[-60:], t.suffix[:30], t.target) for t in tasks]   # short prompts
+    batched = infill_nll(model, tok, tasks, batch_size=4)
+    alone = [infill_nll(model, tok, [t], batch_size=1) for t in tasks]
+    total = sum(a["infill_nll"] * a["tokens"] for a in alone)
+    assert batched["tokens"] == sum(a["tokens"] for a in alone)
+    assert batched["infill_nll"] == pytest.approx(total / batched["tokens"], rel=1e-4)
+    t = tasks[0]
+    target = encode_plain(tok.backend_tokenizer, t.target + "\n")
+    ids = prompt_ids(tok, t, 1, 10_000) + target
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    want = -sum(float(logp[len(ids) - len(target) - 1 + k, x]) for k, x in enumerate(target)) / len(target)
+    assert alone[0]["infill_nll"] == pytest.approx(want, rel=1e-4)

@@ -20,10 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from moelab.data.fim import encode_plain_many, sentinel_ids
 from moelab.data.tokenizer import FIM_BEGIN, FIM_END, FIM_HOLE
 from moelab.errors import DataError
-from moelab.evaluate.lm import context_length, generate_ids, separator_id
+from moelab.evaluate.lm import context_length, generate_ids, left_pad, model_device, separator_id
+from moelab.lm.nll import token_nll
 
 
 @dataclass(frozen=True)
@@ -123,5 +126,35 @@ def run_infill(model, tokenizer, tasks: list[InfillTask], max_new_tokens: int = 
                          for t, p, h in list(zip(tasks, preds, hits, strict=True))[:20]]}
 
 
-__all__ = ["InfillTask", "file_line_tasks", "first_line", "humaneval_line_tasks", "line_tasks", "prompt_ids",
-           "run_infill"]
+@torch.no_grad()
+def infill_nll(model, tokenizer, tasks: list[InfillTask], batch_size: int = 8) -> dict:
+    """The model's NLL (nats/token) of each removed line plus its newline, given the PSM prompt — the
+    FIM loss, which shows infilling ability before exact matches appear."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    sentinel_ids(backend)
+    targets = encode_plain_many(backend, [t.target + "\n" for t in tasks])
+    budget = context_length(model) - max(len(x) for x in targets)
+    start = separator_id(model, tokenizer)
+    seqs = [(prompt_ids(tokenizer, t, start, budget), tgt) for t, tgt in zip(tasks, targets, strict=True)]
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    dev = model_device(model)
+    try:
+        for s in range(0, len(seqs), batch_size):
+            chunk = seqs[s:s + batch_size]
+            rows = [p + t for p, t in chunk]
+            ids, mask = left_pad(rows, 0)
+            labels = torch.full_like(ids, -100)
+            for i, (_, t) in enumerate(chunk):
+                labels[i, ids.shape[1] - len(t):] = torch.tensor(t)
+            logits = model(ids.to(dev), attention_mask=mask.to(dev)).logits[:, :-1]
+            nll, n = token_nll(logits, labels[:, 1:].to(dev))
+            total, count = total + nll, count + n
+    finally:
+        model.train(was_training)
+    return {"infill_nll": total / max(count, 1), "tokens": count, "n": len(tasks)}
+
+
+__all__ = ["InfillTask", "file_line_tasks", "first_line", "humaneval_line_tasks", "infill_nll", "line_tasks",
+           "prompt_ids", "run_infill"]
