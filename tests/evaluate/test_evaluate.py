@@ -264,6 +264,9 @@ def test_batched_left_padded_generation_equals_one_by_one(lm):
 
 def test_chat_template_is_used_when_the_tokenizer_has_one(dirs):
     model, tok = load_causal_lm(dirs["llama"])
+    # moelab tokenizers carry moelab's chat template (tests/data/test_chat_template.py); without one: plain text
+    assert chat_prompt_ids(model, tok, "hello") == encode(tok, "<｜begin▁of▁sentence｜><｜User｜>hello<｜Assistant｜>")
+    tok.chat_template = None
     assert chat_prompt_ids(model, tok, "hello") == encode(tok, "hello")
     tok.chat_template = ("{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
                          "{% if add_generation_prompt %}A:{% endif %}")
