@@ -24,6 +24,7 @@ from moelab.data.tasks import exact_match
 from moelab.errors import DataError
 from moelab.infer.generate import generate
 from moelab.infer.sampling import SamplingConfig
+from moelab.lm.padding import left_pad
 
 
 @dataclass
@@ -49,13 +50,8 @@ def pair_from(prompt: str, answers: list[str], reference: str) -> dict | None:
 def sample_answers(model, tokenizer: Tokenizer, prompts: list[list[int]], samples: int, temperature: float,
                    top_p: float, max_new_tokens: int, seed: int, fmt: ChatFormat) -> list[list[str]]:
     """``samples`` decoded answers per prompt (one left-padded batch)."""
-    rows = [p for p in prompts for _ in range(samples)]
-    T = max(len(p) for p in rows)
-    ids = torch.full((len(rows), T), fmt.pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, p in enumerate(rows):
-        ids[i, T - len(p):] = torch.tensor(p)
-        mask[i, T - len(p):] = 1
+    ids, mask = left_pad([p for p in prompts for _ in range(samples)], fmt.pad)
+    T = ids.shape[1]
     dev = next(model.parameters()).device
     out = generate(model, ids.to(dev), max_new_tokens, SamplingConfig(temperature=temperature, top_p=top_p, seed=seed),
                    eos_token_id=fmt.eos, attention_mask=mask.to(dev))
