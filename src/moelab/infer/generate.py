@@ -24,7 +24,7 @@ def generate(model: DeepSeekForCausalLM, input_ids: torch.Tensor, max_new_tokens
              sampling: SamplingConfig | None = None, eos_token_id: int | None = None,
              attention_mask: torch.Tensor | None = None, prefill_chunk: int = 0,
              on_token: Callable[[torch.Tensor], None] | None = None, decode: str = "auto",
-             report: dict | None = None) -> torch.Tensor:
+             report: dict | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` after ``input_ids`` ``[B, T]``; returns ``[B, T + n]``.
 
     ``attention_mask`` ``[B, T]`` (1 = token, 0 = left padding) allows prompts of different lengths.
@@ -39,11 +39,18 @@ def generate(model: DeepSeekForCausalLM, input_ids: torch.Tensor, max_new_tokens
     that ran), ``graph`` (whether steps replayed a CUDA graph), ``not_graphed`` (why not, when one was asked
     for), ``not_compiled`` (why ``compile`` runs eagerly, if it does) and ``setup_s`` (seconds spent compiling /
     capturing after the prefill).
+
+    ``inputs_embeds`` ``[B, T, H]``, if given, is what the prompt prefill feeds instead of the embeddings of
+    ``input_ids`` (a vision-language model's prompt with its image features written in); the new tokens are
+    embedded as usual.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise MoelabError(f"input_ids must be [batch, tokens] with at least one token (got {tuple(input_ids.shape)})")
     if max_new_tokens < 0:
         raise MoelabError(f"max_new_tokens must be >= 0 (got {max_new_tokens})")
+    if inputs_embeds is not None and tuple(inputs_embeds.shape[:2]) != tuple(input_ids.shape):
+        raise MoelabError(f"inputs_embeds {tuple(inputs_embeds.shape)} does not match input_ids "
+                          f"{tuple(input_ids.shape)} in batch and length")
     vocab = model.config.vocab_size
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
         raise MoelabError(f"token ids must lie in [0, {vocab}) for this model "
@@ -64,7 +71,11 @@ def generate(model: DeepSeekForCausalLM, input_ids: torch.Tensor, max_new_tokens
     for start in range(0, T, chunk):
         part = input_ids[:, start:start + chunk]
         m = None if mask is None else mask[:, :start + part.shape[1]]
-        logits = model(part, attention_mask=m, cache=cache, logits_to_keep=1).logits[:, -1]
+        if inputs_embeds is None:
+            logits = model(part, attention_mask=m, cache=cache, logits_to_keep=1).logits[:, -1]
+        else:
+            logits = model(None, attention_mask=m, cache=cache, logits_to_keep=1,
+                           inputs_embeds=inputs_embeds[:, start:start + chunk]).logits[:, -1]
     decoder = None
     t0 = time.perf_counter()
     if static and max_new_tokens > 1:

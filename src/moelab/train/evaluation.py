@@ -19,7 +19,7 @@ from moelab.dist.wrap import all_sum
 from moelab.errors import TrainingError
 from moelab.lm.nll import token_nll
 from moelab.train.balance import Balancer
-from moelab.train.step import autocast_ctx
+from moelab.train.step import autocast_ctx, model_inputs
 
 
 @torch.no_grad()
@@ -35,10 +35,12 @@ def evaluate(model, data, batch_size: int, seq_len: int, max_batches: int, dtype
     total, count = 0.0, 0
     ctx = balancer.measure() if balancer is not None else nullcontext()
     with ctx:
-        for x, y in data.eval_batches(batch_size, seq_len, max_batches):
+        for batch in data.eval_batches(batch_size, seq_len, max_batches):
+            rows = batch if isinstance(batch, dict) else {}     # data with inputs beyond the ids (images)
+            x, y = (batch["x"], batch["y"]) if rows else batch
             x, y = ps.my_rows(x), ps.my_rows(y)
             with autocast_ctx(dtype, ps.device):
-                logits = model(x.to(ps.device)).logits
+                logits = model(x.to(ps.device), **model_inputs(data, rows, ps.device)).logits
             y = y.to(ps.device)
             s, n = token_nll(logits, y)
             total, count = total + s, count + n

@@ -109,6 +109,13 @@ def rank_weight(y_mine: torch.Tensor, y_all: torch.Tensor, world: int) -> float:
     return world * int((y_mine != IGNORE).sum()) / n_all if n_all else 1.0
 
 
+def model_inputs(data, rows: dict, device: torch.device) -> dict:
+    """The forward's inputs beyond the token ids that ``data`` owns (a vision-language batch's images):
+    ``data.model_inputs(rows, device)`` where the data defines it, else none."""
+    fn = getattr(data, "model_inputs", None)
+    return fn(rows, device) if fn is not None and rows else {}
+
+
 def train_step(model, data, balancer: Balancer, optimizer: torch.optim.Optimizer, tc: TrainConfig,
                seq_len: int, step: int, last_ckpt: Path | None = None, ps: ParallelState | None = None,
                frozen_rows: FrozenRows | None = None) -> StepStats:
@@ -132,7 +139,7 @@ def train_step(model, data, balancer: Balancer, optimizer: torch.optim.Optimizer
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         try:
             with autocast_ctx(tc.dtype, device):
-                logits = model(x).logits
+                logits = model(x, **model_inputs(data, rows if own else {}, device)).logits
             if own:          # every rank holds as many pairs: the mean over ranks is the global mean
                 loss, metrics = data.loss_fn(logits, rows)
                 for k, v in metrics.items():

@@ -29,13 +29,15 @@ from tokenizers import AddedToken, Tokenizer
 from moelab.data.tokenizer import BOS, EOS
 from moelab.errors import DataError
 from moelab.vision.grounding import DET, DET_END, GROUNDING, REF, REF_END
-from moelab.vision.tiling import DOWNSAMPLE, MAX_TILES, PATCH, TILE, layout
+from moelab.vision.tiling import DOWNSAMPLE, MAX_TILES, PATCH, TILE, Layout, layout
 from moelab.vision.views import image_views
 
 IMAGE = "<image>"
 USER, ASSISTANT = "<|User|>", "<|Assistant|>"
 VL_TOKENS = [IMAGE, REF, REF_END, DET, DET_END, GROUNDING, USER, ASSISTANT]
 IGNORE = -100
+#: ``deepseek``: the chat template (SFT); ``plain``: ``<image>\n{caption}`` pre-training text (stages 1–2).
+TEMPLATES = ("deepseek", "plain")
 #: An image with more pixels than this is refused (PIL's own decompression-bomb limit).
 MAX_PIXELS = 89_478_485
 
@@ -80,8 +82,10 @@ class VLProcessor:
     """Renders conversations with images (module docstring)."""
 
     def __init__(self, tokenizer: Tokenizer, tile: int = TILE, patch: int = PATCH, downsample: int = DOWNSAMPLE,
-                 max_tiles: int = MAX_TILES):
-        self.tok = tokenizer
+                 max_tiles: int = MAX_TILES, template: str = "deepseek"):
+        if template not in TEMPLATES:
+            raise DataError(f"unknown VL template {template!r}; use one of {', '.join(TEMPLATES)}")
+        self.tok, self.template = tokenizer, template
         ids = {t: tokenizer.token_to_id(t) for t in (BOS, EOS, IMAGE, USER, ASSISTANT)}
         missing = [t for t, i in ids.items() if i is None]
         if missing:
@@ -96,6 +100,8 @@ class VLProcessor:
     def _segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
         """(text, trained) pieces in order."""
         out, msgs = [(BOS, False)], list(messages)
+        if self.template == "plain":
+            return out + self._plain(msgs)
         if msgs and msgs[0]["role"] == "system":
             system = msgs.pop(0)["content"]
             if system:
@@ -109,15 +115,43 @@ class VLProcessor:
                 raise DataError(f"role {m['role']!r}: a VL conversation has system, user and assistant turns")
         return out
 
+    @staticmethod
+    def _plain(msgs: list[dict]) -> list[tuple[str, bool]]:
+        """Pre-training text (stages 1–2): ``{user content}\n{answer}[EOS]`` per exchange — a caption record
+        (user content ``<image>``) becomes ``<image>\n{caption}`` — and a lone assistant turn (text-only data)
+        is trained whole."""
+        out = []
+        for m in msgs:
+            if m["role"] == "user":
+                out.append((m["content"].rstrip("\n") + "\n", False))
+            elif m["role"] == "assistant":
+                out += [(m["content"].strip(), True), (EOS, True)]
+            elif m["role"] != "system":
+                raise DataError(f"role {m['role']!r}: a VL conversation has system, user and assistant turns")
+        return out
+
     def process(self, messages: list[dict], images: list) -> VLExample:
         """Token ids, labels and views of one conversation with its images (PIL images or paths)."""
-        text = self.text(messages)
-        n_slots = text.count(IMAGE)
-        if n_slots != len(images):
-            raise DataError(f"the conversation has {n_slots} {IMAGE} placeholder(s) but {len(images)} image(s) were "
-                            f"given; put one {IMAGE} where each image belongs")
+        self.check_slots(messages, len(images))
         pics = [open_image(im) if isinstance(im, (str, os.PathLike)) else im.convert("RGB") for im in images]
-        layouts = [layout(p.size, n_images=len(pics), **self.tiling) for p in pics]
+        ids, labels, layouts = self.tokens(messages, [p.size for p in pics])
+        return VLExample(ids, labels, [(image_views(p, lay), lay.tiles) for p, lay in zip(pics, layouts, strict=True)])
+
+    def check_slots(self, messages: list[dict], n_images: int) -> None:
+        n_slots = self.text(messages).count(IMAGE)
+        if n_slots != n_images:
+            raise DataError(f"the conversation has {n_slots} {IMAGE} placeholder(s) but {n_images} image(s) were "
+                            f"given; put one {IMAGE} where each image belongs")
+
+    def views(self, images: list, layouts: list[Layout]) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+        """The encoder views of ``images`` (PIL images or paths) laid out as ``layouts``."""
+        pics = [open_image(im) if isinstance(im, (str, os.PathLike)) else im.convert("RGB") for im in images]
+        return [(image_views(p, lay), lay.tiles) for p, lay in zip(pics, layouts, strict=True)]
+
+    def tokens(self, messages: list[dict], sizes: list[tuple[int, int]]) -> tuple[list[int], list[int], list[Layout]]:
+        """(ids, labels, layouts) of a conversation whose images have ``sizes`` (W, H) — no pixels needed."""
+        self.check_slots(messages, len(sizes))
+        layouts = [layout(tuple(sz), n_images=len(sizes), **self.tiling) for sz in sizes]
         ids, labels, k = [], [], 0
         for piece, trained in self._segments(messages):
             parts = piece.split(IMAGE)
@@ -130,8 +164,8 @@ class VLProcessor:
                     ids += [self.ids[IMAGE]] * n
                     labels += [IGNORE] * n
                     k += 1
-        return VLExample(ids, labels, [(image_views(p, lay), lay.tiles) for p, lay in zip(pics, layouts, strict=True)])
+        return ids, labels, layouts
 
 
-__all__ = ["ASSISTANT", "IMAGE", "MAX_PIXELS", "USER", "VL_TOKENS", "VLExample", "VLProcessor", "add_vl_tokens",
+__all__ = ["ASSISTANT", "IMAGE", "MAX_PIXELS", "TEMPLATES", "USER", "VL_TOKENS", "VLExample", "VLProcessor", "add_vl_tokens",
            "open_image"]
