@@ -167,5 +167,5 @@ class VLProcessor:
         return ids, labels, layouts
 
 
-__all__ = ["ASSISTANT", "IMAGE", "MAX_PIXELS", "TEMPLATES", "USER", "VL_TOKENS", "VLExample", "VLProcessor", "add_vl_tokens",
-           "open_image"]
+__all__ = ["ASSISTANT", "IMAGE", "MAX_PIXELS", "TEMPLATES", "USER", "VL_TOKENS", "VLExample", "VLProcessor",
+           "add_vl_tokens", "open_image"]

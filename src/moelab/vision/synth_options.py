@@ -30,6 +30,12 @@ def parse_aspect(text: str) -> tuple[int, int]:
     return a, b
 
 
+def fitting_aspects(sides: tuple[int, int], aspects: tuple[str, ...] = OCR_ASPECTS) -> tuple[str, ...]:
+    """The ``aspects`` a canvas with every side in ``sides`` (lo, hi) can have."""
+    lo, hi = sides
+    return tuple(a for a in aspects if max(parse_aspect(a)) * lo <= min(parse_aspect(a)) * hi)
+
+
 @dataclass(frozen=True)
 class SynthOptions:
     """Sizes in pixels; ``(lo, hi)`` pairs are inclusive ranges sampled uniformly."""
@@ -83,6 +89,8 @@ class SynthOptions:
                 raise DataError(f"{name}: {bad or 'none'} not among {', '.join(known)}")
         if self.shape_count[1] > len(self.shape_kinds) * len(self.shape_colours):
             raise DataError("shape_count allows more shapes than there are colour/shape pairs")
+        if not self.ocr_aspects:
+            raise DataError("ocr_aspects is empty; give at least one WIDTH:HEIGHT")
         if not 0.0 <= self.negatives <= 1.0:
             raise DataError(f"negatives is a share between 0 and 1 (got {self.negatives})")
         if self.ocr_min_font < 6 or self.photo_max_side < 16:
@@ -90,4 +98,4 @@ class SynthOptions:
         return self
 
 
-__all__ = ["COLOURS", "OCR_ASPECTS", "OCR_KINDS", "SHAPE_KINDS", "SynthOptions", "parse_aspect"]
+__all__ = ["COLOURS", "OCR_ASPECTS", "OCR_KINDS", "SHAPE_KINDS", "SynthOptions", "fitting_aspects", "parse_aspect"]
