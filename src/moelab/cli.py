@@ -62,6 +62,23 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _vl_rows(vcfg, vb) -> list[tuple[str, str, str]]:
+    """The vision-language rows of `moelab info` (moelab.model.vl_accounting)."""
+    v = vcfg.vision
+    return [
+        ("vision encoder", _human(vb.vision_params),
+         f"{vb.vision_params:,}: SigLIP {v.num_hidden_layers}×{v.hidden_size}, {v.image_size}px tiles of "
+         f"{v.patch_size}px patches (released files add a {_human(vb.pooling_head_params)} pooling head, never run)"),
+        ("adaptor", _human(vb.adaptor_params),
+         f"{vb.adaptor_params:,}: {vcfg.downsample}×{vcfg.downsample} downsample MLP + image_newline, view_separator"),
+        ("VLM total parameters", _human(vb.total_params),
+         f"{vb.total_params:,} (as released, with the pooling head: {_human(vb.released_total_params)})"),
+        ("VLM activated parameters", _human(vb.activated_params),
+         f"{vb.activated_params:,} ({_human(vb.activated_params_papers)} without the input-embedding lookup, "
+         "the papers' convention)"),
+    ]
+
+
 @app.command()
 @friendly
 def info(
@@ -74,14 +91,24 @@ def info(
     """Count total and activated parameters, KV-cache bytes per token and FLOPs per token.
 
     Nothing is allocated: the model is built on PyTorch's meta device, so even DeepSeek-V3 (671B)
-    is counted in a second.
+    is counted in a second. A vision-language config or checkpoint (DeepSeek-VL2: [vision] in the TOML,
+    model_type deepseek_vl_v2) adds the encoder, the adaptor and the whole model's counts.
     """
+    from moelab.interop.vl_hf_config import vl_config_of
     from moelab.model.accounting import model_budget
 
-    cfg = read_model_source(path)
-    b = model_budget(cfg, seq_len=seq_len)
+    vcfg = vl_config_of(path)
+    vb = None
+    if vcfg is not None:
+        from moelab.model.vl_accounting import vl_budget
+
+        cfg, vb = vcfg.language, vl_budget(vcfg, seq_len=seq_len)
+        b = vb.language
+    else:
+        cfg = read_model_source(path)
+        b = model_budget(cfg, seq_len=seq_len)
     if as_json:
-        print(json.dumps({"config": str(path), **b.as_dict()}, indent=2))
+        print(json.dumps({"config": str(path), **b.as_dict(), **({"vl": vb.as_dict()} if vb else {})}, indent=2))
         return
     t = Table(title=f"moelab info — {escape(str(path))}", show_header=False, title_justify="left")
     t.add_column(style="bold")
@@ -90,9 +117,10 @@ def info(
     ratio = b.mha_cache_elems_per_token / b.cache_elems_per_token
     kind = ("MLA latent + RoPE key" if cfg.use_mla
             else f"{'MHA' if cfg.kv_heads == cfg.num_attention_heads else 'GQA'} K/V")
+    lm = "language model: " if vb else ""
     rows = [
-        ("total parameters", _human(b.total_params), f"{b.total_params:,}"),
-        ("activated parameters", _human(b.activated_params), f"{b.activated_params:,}"),
+        (f"{lm}total parameters", _human(b.total_params), f"{b.total_params:,}"),
+        (f"{lm}activated parameters", _human(b.activated_params), f"{b.activated_params:,}"),
         ("layers", f"{b.moe_layers} MoE + {b.dense_layers} dense",
          f"{cfg.n_routed_experts or 0} routed (top-{cfg.num_experts_per_tok or 0}) + {cfg.n_shared_experts or 0} shared"
          if cfg.is_moe else "dense model"),
@@ -102,8 +130,10 @@ def info(
         ("FLOPs/token 72Ld²+12Ld·l", _human(b.flops_per_token), f"non-embedding, l_seq={b.seq_len}"),
         ("FLOPs/token 6N_act+12Ld·l", _human(b.flops_per_token_active), "MoE-aware, activated params"),
     ]
+    if vb is not None:
+        rows[2:2] = _vl_rows(vcfg, vb)
     for r in rows:
-        t.add_row(*r)
+        t.add_row(*(escape(c) for c in r))
     Console().print(t)
 
 

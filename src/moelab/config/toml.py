@@ -65,6 +65,9 @@ def make_config(values: dict[str, Any], where: str = "[model]") -> ModelConfig:
 #: Top-level TOML sections moelab knows: the model, the pre-training stage (moelab.train.config) and the
 #: torchrun layout (moelab.dist.mesh).
 KNOWN_SECTIONS = {"model", "data", "train", "balance", "runtime", "parallel"}
+#: The sections a vision-language config adds to [model] (moelab.model.vl_config): the image encoder, the
+#: adaptor and the image processor. Commands that read a language model alone refuse them, saying so.
+VL_SECTIONS = frozenset({"vision", "projector", "processor"})
 
 
 def read_toml(path: str | Path, sections: set[str] = KNOWN_SECTIONS, require_model: bool = True) -> dict[str, Any]:
@@ -79,6 +82,10 @@ def read_toml(path: str | Path, sections: set[str] = KNOWN_SECTIONS, require_mod
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
     for key in data:
+        if key in VL_SECTIONS and key not in sections:
+            raise ConfigError(f"[{key}] in {path} belongs to a vision-language config (a DeepSeek-VL2 model: [model], "
+                              "[vision], [projector], [processor]); this command reads a language model alone — "
+                              "VL configs go to `moelab info` and `moelab vl ...`")
         if key not in sections:
             raise ConfigError(f"unknown section [{key}] in {path}{did_you_mean(key, sections)}; "
                               f"known sections: {', '.join(sorted(sections))}")

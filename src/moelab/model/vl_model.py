@@ -11,6 +11,9 @@ language model's width, N = g(g + 1) + 1 + g·th·(g·tw + 1) the image's tokens
     embeds    the text's embeddings with the <image> positions filled in order (masked_scatter)
 
 ``image_newline`` and ``view_separator`` are learned D-vectors (randn/√D), not vocabulary tokens.
+
+    model = VisionLanguageModel.from_config(load_vl_config("configs/vl-tiny.toml"), seed=0)   # a fresh model
+    model.vl_config, model.processor_settings()      # its VLConfig; VLProcessor's tile/patch/downsample/max_tiles
 """
 
 from __future__ import annotations
@@ -20,16 +23,18 @@ import math
 import torch
 from torch import nn
 
-from moelab.errors import MoelabError
+from moelab.errors import ConfigError, MoelabError
+from moelab.model.transformer import DeepSeekForCausalLM
 from moelab.model.vision_encoder import VisionConfig, VisionEncoder
 from moelab.model.vision_projector import VisionProjector
+from moelab.model.vl_config import ProjectorSettings, VLConfig
 
 
 class VisionLanguageModel(nn.Module):
     """forward(input_ids ``[B, T]``, images: per image (views ``[V, 3, T, T]``, (tw, th))) -> LM output."""
 
     def __init__(self, language_model: nn.Module, vision: VisionConfig, image_token_id: int, downsample: int = 2,
-                 seed: int = 0):
+                 seed: int = 0, *, config: VLConfig | None = None):
         super().__init__()
         D = language_model.config.hidden_size
         self.language = language_model
@@ -39,6 +44,52 @@ class VisionLanguageModel(nn.Module):
         self.image_newline = nn.Parameter(torch.randn(D, generator=g) / math.sqrt(D))
         self.view_separator = nn.Parameter(torch.randn(D, generator=g) / math.sqrt(D))
         self.image_token_id = image_token_id
+        self._config = config
+
+    @classmethod
+    def from_config(cls, cfg: VLConfig, seed: int = 0, *, dtype: torch.dtype = torch.float32, device="cpu",
+                    image_token_id: int | None = None) -> VisionLanguageModel:
+        """A freshly initialised model: the language model as :meth:`DeepSeekForCausalLM.from_config` draws it,
+        the encoder and adaptor with PyTorch's default initialisation, all from ``seed`` (the global RNG is left
+        as it was). ``image_token_id`` overrides ``cfg.image_token_id``; one of them must be set."""
+        token = cfg.image_token_id if image_token_id is None else image_token_id
+        if token is None:
+            raise ConfigError("the config has no image_token_id: set [processor] image_token_id to the tokenizer's "
+                              "<image> id, or build with VLConfig.with_image_token(tokenizer.token_to_id('<image>'))")
+        if token != cfg.image_token_id:
+            cfg = cfg.with_image_token(token)
+        language = DeepSeekForCausalLM.from_config(cfg.language, seed=seed, device=device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = cls(language, cfg.vision, token, cfg.downsample, seed=seed, config=cfg)
+        return model.to(device=device, dtype=dtype)
+
+    @property
+    def config(self):
+        """The language model's :class:`~moelab.config.ModelConfig` (context, experts: what training reads);
+        the whole model's configuration is :attr:`vl_config`."""
+        return self.language.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.language.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language.dtype
+
+    @property
+    def vl_config(self) -> VLConfig:
+        """The model's :class:`VLConfig` (built from its parts, with default processor settings, when the
+        model was assembled by hand)."""
+        if self._config is not None:
+            return self._config
+        projector = ProjectorSettings(downsample_ratio=self.projector.downsample)
+        return VLConfig(self.language.config, self.vision.config, projector, image_token_id=self.image_token_id)
+
+    def processor_settings(self) -> dict[str, int]:
+        """Keyword arguments of :class:`moelab.vision.processor.VLProcessor` for this model's images."""
+        return self.vl_config.processor_settings()
 
     def image_embeddings(self, views_V3TT: torch.Tensor, tiles: tuple[int, int]) -> torch.Tensor:
         """``[N, D]``: one image's vectors in the order of the module docstring."""
