@@ -70,6 +70,9 @@ def test_align_then_sft(data, tmp_path):
     assert s3["template"] == "deepseek" and res.status == "finished" and s3["trainable"]["language"] > 0
     sft = weights(tmp_path / "sft")
     assert any(not torch.equal(t, after[n]) for n, t in sft.items() if n.startswith("language."))
+    bias = [n for n in sft if n.endswith("e_score_correction_bias")]
+    assert bias and all(torch.equal(after[n], base[n]) for n in bias)          # align: no balancing
+    assert all(not torch.equal(sft[n], after[n]) for n in bias)                 # sft: loss-free bias moves
     model = load_vl(tmp_path / "sft" / "model")
     assert model.image_token_id == 264
     img = next((data / "images").glob("train-ocr-*.png"))
