@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from moelab.common.atomic import CHECKPOINT, write_dir
+from moelab.common.atomic import CHECKPOINT, OutputKind, write_dir
 from moelab.dist.checkpoint import export
 from moelab.dist.mesh import ParallelState
 from moelab.interop.checkpoint import load_state_into, save, weight_files
@@ -61,6 +61,8 @@ class Job:
     tokenizer_file: Path | None = None
     extra_evals: dict = field(default_factory=dict)
     kind: str = "train"
+    #: what RUN_DIR/model is (an LM checkpoint; a VL job's holds its processor settings too)
+    final_kind: OutputKind = CHECKPOINT
 
     def save_weights(self, model: torch.nn.Module, ckpt_dir: Path) -> None:
         tok = self.tokenizer_file
@@ -88,7 +90,7 @@ class Job:
             return
         src = last_ckpt / "model"
         write_dir(run_dir / "model", lambda tmp: [shutil.copy2(f, tmp / f.name) for f in src.iterdir()],
-                  kind=CHECKPOINT, overwrite=True)
+                  kind=self.final_kind, overwrite=True)
 
     def prepare_parallel(self, model: torch.nn.Module, ps: ParallelState) -> dict[str, torch.Tensor]:
         """Before a torchrun job splits ``model``: adapt it (or refuse, with an error every rank raises

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moelab.data.epochs import epoch_indices
 from moelab.errors import DataError
 from moelab.lm.nll import lm_loss
 from moelab.vision.processor import IGNORE, VLProcessor, open_image
@@ -173,16 +174,8 @@ class VLData:
 
     def batch(self, batch_size: int, seq_len: int, step: int, micro: int = 0, seed: int = 0) -> dict:
         self._check(seq_len)
-        n = len(self)
         start = (step * self.micro_per_step + micro) * batch_size
-        orders: dict[int, np.ndarray] = {}
-        idx = []
-        for g in range(start, start + batch_size):
-            epoch = g // n
-            if epoch not in orders:
-                orders[epoch] = np.random.default_rng([seed, epoch, 0x564C]).permutation(n)     # "VL"
-            idx.append(orders[epoch][g % n])
-        return self.rows(np.asarray(idx))
+        return self.rows(epoch_indices(len(self), start, batch_size, seed, salt=0x564C))
 
     def eval_batches(self, batch_size: int, seq_len: int, max_batches: int | None = None) -> Iterator[dict]:
         """The rows in order."""

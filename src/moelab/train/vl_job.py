@@ -13,7 +13,6 @@ balancer of pre-training (it watches every DeepSeekMoE layer of the model, the d
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from moelab.common.atomic import write_dir
+from moelab.common.atomic import OutputKind
 from moelab.config import RUNTIME_FIELDS
 from moelab.data.tokenizer import EOS, byte_level_tokenizer
 from moelab.errors import ConfigError, DataError
@@ -40,20 +39,13 @@ class VLJob(Job):
     """A :class:`~moelab.train.job.Job` whose weights are a VL checkpoint."""
 
     tokenizer: Tokenizer | None = None
+    final_kind: OutputKind = VL_CHECKPOINT
 
     def save_weights(self, model: torch.nn.Module, ckpt_dir: Path) -> None:
         save_vl(model, ckpt_dir / "model", tokenizer=self.tokenizer)
 
     def load_weights(self, model: torch.nn.Module, ckpt_dir: Path) -> None:
         load_vl_state_into(model, ckpt_dir / "model")
-
-    def finalize(self, model: torch.nn.Module, run_dir: Path, last_ckpt: Path | None) -> None:
-        """RUN_DIR/model: the last checkpoint's VL model (processor settings included)."""
-        if last_ckpt is None:
-            return
-        src = last_ckpt / "model"
-        write_dir(run_dir / "model", lambda tmp: [shutil.copy2(f, tmp / f.name) for f in src.iterdir()],
-                  kind=VL_CHECKPOINT, overwrite=True)
 
 
 def check_same_model(sections: dict, model: VisionLanguageModel, src: Path) -> None:

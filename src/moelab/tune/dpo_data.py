@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from moelab.data.epochs import epoch_indices
 from moelab.data.prefs import PreferencePair
 from moelab.errors import DataError
 from moelab.tune.dpo_loss import IGNORE, dpo_loss
@@ -71,16 +72,8 @@ class PreferenceData:
 
     def batch(self, batch_size: int, seq_len: int, step: int, micro: int = 0, seed: int = 0) -> dict:
         self._check(seq_len)
-        n = len(self)
         start = (step * self.micro_per_step + micro) * batch_size
-        orders: dict[int, np.ndarray] = {}
-        idx = []
-        for g in range(start, start + batch_size):
-            epoch = g // n
-            if epoch not in orders:
-                orders[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
-            idx.append(orders[epoch][g % n])
-        return self.pair_rows(np.asarray(idx))
+        return self.pair_rows(epoch_indices(len(self), start, batch_size, seed))
 
     def eval_batches(self, batch_size: int, seq_len: int,
                      max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
