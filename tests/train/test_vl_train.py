@@ -80,6 +80,15 @@ def test_align_then_sft(data, tmp_path):
                                  "What is written in the image?", "--max-new-tokens", "4", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert len(r.output.strip()) > 0
+    (tmp_path / "empty.png").write_bytes(b"")
+    for args, words in [(["--image", str(tmp_path / "empty.png"), "--prompt", "Read."], "empty"),
+                        (["--image", str(img), "--prompt", "<image> and <image>"], "2 <image> placeholder")]:
+        r = CliRunner().invoke(app, ["vl", "chat", str(tmp_path / "sft" / "model"), *args, "--device", "cpu"])
+        assert r.exit_code == 1 and words in r.output and "Traceback" not in r.output, r.output
+    batch = tmp_path / "q.jsonl"
+    batch.write_text(json.dumps({"prompt": "Read.", "image": str(img)}) + "\n" + "{oops\n")
+    r = CliRunner().invoke(app, ["vl", "chat", str(tmp_path / "sft" / "model"), "--batch", str(batch)])
+    assert r.exit_code == 1 and "q.jsonl:2" in r.output, r.output
 
 
 def test_resume_repeats_the_losses(data, tmp_path):
