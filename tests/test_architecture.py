@@ -8,7 +8,7 @@ Layers, lowest first (a module may import its own layer's package and any lower 
     2  model
     3  interop (checkpoints, Hugging Face), lm (logits / padding / NLL of any causal LM)
     4  data, infer, dist (torchrun, meshes, FSDP / expert parallelism, sharded checkpoints, the planner)
-    5  train, analysis, evaluate          (siblings: none imports another)
+    5  train, analysis, evaluate, serve   (siblings: none imports another)
     6  tune, scaling                      (they train: built on train)
     7  the command line: cli.py, cli_utils.py, */cli.py, */*_cli.py
 """
@@ -28,7 +28,7 @@ LAYERS = {
     "model": 2,
     "interop": 3, "lm": 3,
     "data": 4, "infer": 4, "dist": 4, "vision": 4,
-    "train": 5, "analysis": 5, "evaluate": 5,
+    "train": 5, "analysis": 5, "evaluate": 5, "serve": 5,
     "tune": 6, "scaling": 6,
     "cli": 7, "cli_utils": 7,
 }

@@ -31,6 +31,7 @@ from moelab.dist.plan_cli import plan
 from moelab.errors import MoelabError
 from moelab.evaluate.cli import eval_app
 from moelab.scaling.cli import scaling_app
+from moelab.serve.cli import serve
 from moelab.tune.cli import finetune_app
 from moelab.tune.esft_cli import esft_app
 from moelab.vision.cli import vl_app
@@ -384,6 +385,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written
 
 app.command()(plan)
 app.command()(export)
+app.command()(serve)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
     moelab finetune lora configs/finetune-arith.toml --set lora.r=16
     moelab finetune esft configs/finetune-arith.toml --set esft.expert_config=runs/esft/expert_cfg.json
+    moelab finetune grpo configs/grpo-arith.toml --set grpo.group=8
     moelab finetune merge runs/demo/model runs/ft-lora/adapter --out runs/ft-lora/merged
     torchrun --standalone --nproc_per_node=2 -m moelab finetune esft configs/finetune-arith.toml --set parallel.ep=2
 """
@@ -19,7 +20,7 @@ from moelab.cli_utils import err, friendly
 
 finetune_app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                            help="Fine-tune a checkpoint on chat / prompt-completion data (full, lora, plora, "
-                                "esft) or on preference pairs (dpo).")
+                                "esft), on preference pairs (dpo) or by RL from rule rewards (grpo).")
 
 _CONFIG = typer.Argument(help="TOML with [finetune] (base), [data] (path, seq_len), [train] and method sections.")
 _OUT = typer.Option("--out", "-o", help="Run directory (default: runs/ft-<method>-<config name>).")
@@ -56,6 +57,10 @@ def run_method(method: str, config: Path | None, out: Path | None, overrides: li
         line += f" · task val loss {ev['val_loss']:.3f}"
         if "general_val_ppl" in ev:
             line += f" · general ppl {ev['general_val_ppl']:.2f}"
+    rewards = summary.get("rewards")
+    if rewards and (rewards["reward_errors"] or rewards["reward_timeouts"]):
+        err.print(f"rewards: {rewards['reward_errors']} raised and {rewards['reward_timeouts']} timed out of "
+                  f"{rewards['samples']} samples (scored 0); first: {rewards['first_problem']}")
     con.print(f"{line}\nresult: {summary['result']} ({summary['result_bytes'] / 1e6:.2f} MB)\n"
               f"report: {result.run_dir / 'report' / 'summary.md'}")
 
@@ -113,6 +118,23 @@ finetune_app.command("dpo")(_command("dpo", """DPO: learn from preference pairs 
     dpo_accuracy, chosen_reward, rejected_reward and logratio (policy vs reference).
 
         moelab finetune dpo configs/finetune-arith.toml --set data.path=runs/prefs.jsonl --set train.lr=5e-6
+    """))
+
+
+finetune_app.command("grpo")(_command("grpo", """GRPO: reinforcement learning from rule-checked rewards (DeepSeekMath).
+
+    data.path holds prompts with what checks an answer: {"prompt", "completion"} (exact match, e.g. from
+    `moelab data tasks arithmetic`) or {"prompt", "tests"} (Python asserts run in the sandbox). Each
+    sample batch draws train.batch_size × train.grad_accum / grpo.group prompts, samples grpo.group
+    completions of each (grpo.temperature, grpo.max_new_tokens), scores them, normalises the rewards
+    within each group and takes grpo.iterations optimizer steps on the clipped objective with a k3 KL
+    penalty (grpo.beta) to the reference (grpo.reference, default the base). [grpo] also sets clip_eps,
+    reward (auto, exact_match, unit_tests or module:function) and what trains (full, lora, esft); the
+    loss-free routing bias updates only with [balance] method = "loss_free".
+    Logged besides the loss: reward_mean, reward_std, zero_var_groups, completion_len, truncated, kl,
+    clip_fraction, reward_errors and reward_timeouts (rewards that raised or timed out score 0).
+
+        moelab finetune grpo configs/grpo-arith.toml --set grpo.group=8 --set train.steps=100
     """))
 
 

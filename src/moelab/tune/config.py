@@ -1,4 +1,4 @@
-"""Typed configuration of a fine-tuning run (``moelab finetune {full,lora,plora,esft} CONFIG``).
+"""Typed configuration of a fine-tuning run (``moelab finetune {full,lora,plora,esft,dpo,grpo} CONFIG``).
 
 Sections::
 
@@ -11,6 +11,7 @@ Sections::
     [plora]     PeriodicLoRA settings (method plora)
     [esft]      ESFT expert configuration (method esft)
     [dpo]       DPO settings (method dpo): beta, loss, label smoothing, what trains
+    [grpo]      GRPO settings (method grpo): group size, sampling, clip, KL β, iterations μ, rewards, what trains
     [parallel]  under torchrun: dp × ep, FSDP2 or DDP (as for pre-training; :mod:`moelab.dist.mesh`)
 
 The method comes from the command line (``moelab finetune lora ...``), or ``finetune.method``.
@@ -34,10 +35,10 @@ from moelab.train.config import BalanceConfig, TrainConfig, apply_overrides
 from moelab.tune.lora import LoraSettings
 from moelab.tune.plora import PLoraSettings
 
-Method = Literal["full", "lora", "plora", "esft", "dpo"]
-METHODS = ("full", "lora", "plora", "esft", "dpo")
-DEFAULT_LR = {"full": 3e-5, "lora": 1e-4, "plora": 1e-4, "esft": 1e-5, "dpo": 5e-6}
-SECTIONS = {"finetune", "data", "train", "balance", "lora", "plora", "esft", "dpo", "runtime", "parallel"}
+Method = Literal["full", "lora", "plora", "esft", "dpo", "grpo"]
+METHODS = ("full", "lora", "plora", "esft", "dpo", "grpo")
+DEFAULT_LR = {"full": 3e-5, "lora": 1e-4, "plora": 1e-4, "esft": 1e-5, "dpo": 5e-6, "grpo": 1e-6}
+SECTIONS = {"finetune", "data", "train", "balance", "lora", "plora", "esft", "dpo", "grpo", "runtime", "parallel"}
 
 
 class _Section(BaseModel):
@@ -106,6 +107,48 @@ class DPOSettings(_Section):
         return self
 
 
+class GRPOSettings(_Section):
+    """``[grpo]``: Group Relative Policy Optimization (DeepSeekMath; DeepSeek-Coder-V2 §3.3). Each sample
+    batch draws ``train.batch_size × train.grad_accum / group`` prompts from ``data.path`` and ``group``
+    completions of each from the policy (``temperature``, ``top_p``, at most ``max_new_tokens``), scores
+    them by rule (``reward``) and trains ``iterations`` (μ) optimizer steps on them: the clipped objective
+    (``clip_eps``) with a k3 KL penalty (``beta``) to the reference (``reference``, default the base).
+
+    ``reward``: ``auto`` (rows with ``tests`` run them in the sandbox; others are exact-match scored against
+    ``completion``/``answer``), ``exact_match``, ``unit_tests``, or ``module:function`` /
+    ``file.py:function`` (``f(completion: str, row: dict) -> float``). A reward that raises or runs past
+    ``reward_timeout_s`` counts as 0 and is reported."""
+
+    group: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    iterations: int = 1
+    clip_eps: float = 0.2
+    beta: float = 0.04
+    reward: str = "auto"
+    reward_timeout_s: float = 10.0
+    reference: str | None = None
+    gen_batch: int = 0                   # rows per generate() call; 0 = the whole sample batch at once
+    train: Literal["full", "lora", "esft"] = "full"
+
+    @model_validator(mode="after")
+    def _check(self):
+        checks = [(self.group >= 2, f"grpo.group must be >= 2 (got {self.group}): advantages compare samples"),
+                  (self.temperature > 0, f"grpo.temperature must be > 0 (got {self.temperature})"),
+                  (0 < self.top_p <= 1, f"grpo.top_p must be in (0, 1] (got {self.top_p})"),
+                  (self.max_new_tokens >= 1, f"grpo.max_new_tokens must be >= 1 (got {self.max_new_tokens})"),
+                  (self.iterations >= 1, f"grpo.iterations must be >= 1 (got {self.iterations})"),
+                  (self.clip_eps > 0, f"grpo.clip_eps must be > 0 (got {self.clip_eps})"),
+                  (self.beta >= 0, f"grpo.beta must be >= 0 (got {self.beta})"),
+                  (self.reward_timeout_s > 0, f"grpo.reward_timeout_s must be > 0 (got {self.reward_timeout_s})"),
+                  (self.gen_batch >= 0, f"grpo.gen_batch must be >= 0 (got {self.gen_batch})")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        return self
+
+
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     finetune: FinetuneSection
@@ -116,6 +159,7 @@ class FinetuneConfig(BaseModel):
     plora: PLoraSettings = PLoraSettings()
     esft: EsftSection = EsftSection()
     dpo: DPOSettings = DPOSettings()
+    grpo: GRPOSettings = GRPOSettings()
     #: how to compute: kernels and attention path of the loaded base model, and train.compile
     runtime: RuntimeSettings = RuntimeSettings()
     parallel: ParallelConfig = ParallelConfig()    # torchrun jobs: dp × ep (full, lora with ep = 1, esft)
@@ -123,6 +167,12 @@ class FinetuneConfig(BaseModel):
     @property
     def method(self) -> str:
         return self.finetune.method or "full"
+
+    @property
+    def trains(self) -> str:
+        """What learns: the method, or for dpo / grpo their ``train`` setting (full, lora, esft)."""
+        m = self.method
+        return self.dpo.train if m == "dpo" else self.grpo.train if m == "grpo" else m
 
     @model_validator(mode="after")
     def _apply_runtime(self):
@@ -145,9 +195,11 @@ class FinetuneConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        esft = self.method == "esft" or (self.method == "dpo" and self.dpo.train == "esft")
-        if esft and not self.esft.expert_config:
+        if self.trains == "esft" and not self.esft.expert_config:
             raise ValueError("method esft needs esft.expert_config: the JSON written by `moelab esft select`")
+        if self.method == "grpo" and self.train.batch_size % self.grpo.group:
+            raise ValueError(f"train.batch_size ({self.train.batch_size}) must be a multiple of grpo.group "
+                             f"({self.grpo.group}): each micro-batch holds whole groups of samples")
         return self
 
 
@@ -176,5 +228,5 @@ def load_finetune_config(path: str | Path | None, overrides: list[str] = (), met
         raise ConfigError(format_validation_error(e, where, FinetuneConfig)) from None
 
 
-__all__ = ["DEFAULT_LR", "METHODS", "DPOSettings", "EsftSection", "FinetuneConfig", "FinetuneSection",
+__all__ = ["DEFAULT_LR", "METHODS", "DPOSettings", "EsftSection", "GRPOSettings", "FinetuneConfig", "FinetuneSection",
            "FinetuneTrainConfig", "SFTDataConfig", "load_finetune_config"]

@@ -10,6 +10,9 @@ plora      LoRA, merged into the base every ``stage_steps``    ``model/`` (the u
 esft       the selected routed experts only                    ``esft/`` (expert_cfg.json + experts)
 =========  ==================================================  =====================================
 
+DPO (:mod:`moelab.tune.dpo_job`) and GRPO (:mod:`moelab.tune.grpo_job`) are data with their own loss;
+what they train is ``dpo.train`` / ``grpo.train`` (full, lora or esft), with that method's result.
+
 ``moelab finetune merge BASE RESULT --out DIR`` turns ``adapter/`` or ``esft/`` into a full checkpoint.
 
 Checkpoints of the parameter-efficient methods hold the whole in-memory state (``state.safetensors``,
@@ -69,10 +72,16 @@ def build_job(cfg: FinetuneConfig) -> tuple[Job, dict]:
     model = load_checkpoint_dir(base, dtype=torch.float32, **cfg.runtime.model_settings())
     base_params = count_params(model)[1]
     tokenizer = load_tokenizer(base)
+    jobs = {"full": FullJob, "lora": LoraJob, "esft": EsftJob}
     if cfg.method == "dpo":
         from moelab.tune.dpo_job import load_preference_data
 
         train_data, val_data, stats = load_preference_data(cfg, tokenizer, model.config.vocab_size)
+    elif cfg.method == "grpo":
+        from moelab.tune.grpo_job import GRPO_JOBS, load_grpo_data, load_reference
+
+        train_data, val_data, stats = load_grpo_data(cfg, tokenizer)
+        jobs = GRPO_JOBS
     else:
         train_data, val_data, stats = load_sft(
             dc.path, tokenizer, dc.seq_len, template=dc.template, val_path=dc.val_path,
@@ -88,7 +97,7 @@ def build_job(cfg: FinetuneConfig) -> tuple[Job, dict]:
     if dc.general_path:
         extra["general"] = TokenData(dc.general_path, "val")
 
-    method = cfg.method if cfg.method != "dpo" else cfg.dpo.train       # DPO trains as full / LoRA / ESFT
+    method = cfg.trains                                  # DPO and GRPO train as full / LoRA / ESFT
     summary = {"method": method, "base": str(base), "data": dc.path, "train_examples": train_data.meta["examples"],
                "val_examples": val_data.meta["examples"], "train_rows": len(train_data),
                "target_tokens": train_data.target_tokens, "skipped_lines": len(stats.skipped),
@@ -96,13 +105,13 @@ def build_job(cfg: FinetuneConfig) -> tuple[Job, dict]:
     common = dict(model=model, train_data=train_data, val_data=val_data, config_json=cfg.model_dump_json(indent=2),
                   tokenizer_file=base / "tokenizer.json", extra_evals=extra, kind=cfg.method)
     if method == "full":
-        job = FullJob(**common)
+        job = jobs["full"](**common)
     elif method in ("lora", "plora"):
         from moelab.tune.lora import apply_lora
 
         summary["adapted"] = len(apply_lora(model, cfg.lora).adapted)
         if method == "lora":
-            job = LoraJob(**common, base=str(base), settings=cfg.lora)
+            job = jobs["lora"](**common, base=str(base), settings=cfg.lora)
         else:
             from moelab.tune.plora import PeriodicLoRA
 
@@ -113,13 +122,16 @@ def build_job(cfg: FinetuneConfig) -> tuple[Job, dict]:
         expert_cfg = read_expert_config(cfg.esft.expert_config, model)
         apply_esft(model, expert_cfg)
         summary["experts_per_layer"] = {k: len(v) for k, v in expert_cfg["experts"].items()}
-        job = EsftJob(**common, expert_cfg=expert_cfg)
+        job = jobs["esft"](**common, expert_cfg=expert_cfg)
     else:  # pragma: no cover (validated by the config)
         raise TrainingError(f"unknown method {method}")
     if cfg.method == "dpo":       # the reference: the base model (adapters still zero), before any step
         train_data.set_reference(model)
         val_data.set_reference(model)
         summary.update(method="dpo", dpo=cfg.dpo.model_dump())
+    if cfg.method == "grpo":      # the reference: frozen, from disk (LoRA / ESFT changed the policy in place)
+        train_data.attach(model, load_reference(cfg, tokenizer, model.config.vocab_size))
+        summary.update(method="grpo", grpo=cfg.grpo.model_dump())
     summary["trainable_params"] = count_params(model)[0]
     summary["total_params"] = base_params      # of the base model (LoRA / ESFT copies not counted)
     return job, summary
@@ -140,10 +152,12 @@ def finetune(cfg: FinetuneConfig, run_dir: str | os.PathLike, resume: bool = Fal
     result = fit(job, cfg.train, cfg.balance, cfg.data.seq_len, run_dir, resume=resume, progress=progress,
                  on_event=on_event, allow_config_change=allow_config_change, parallel=cfg.parallel)
     if result.status == "finished" and os.environ.get("RANK", "0") == "0":    # torchrun: rank 0 writes
-        out = {"lora": "adapter", "esft": "esft"}.get(cfg.method if cfg.method != "dpo" else cfg.dpo.train, "model")
+        out = {"lora": "adapter", "esft": "esft"}.get(cfg.trains, "model")
         summary["result"] = str(run_dir / out)
         summary["result_bytes"] = sum(f.stat().st_size for f in (run_dir / out).rglob("*") if f.is_file())
         summary["last_eval"] = result.last_eval
+        if cfg.method == "grpo":
+            summary["rewards"] = job.train_data.report()
         write_text(run_dir / "finetune.json", json.dumps(summary, indent=2, default=str))
     return result, summary
 
