@@ -2,13 +2,16 @@
 
     python benchmarks/align.py                                    # 3 seeds, full size (see --help for sizes)
     python benchmarks/align.py --out runs/bench-align-quick --demo runs/bench-align-quick/demo/model \
-        --pretrain-steps 600 --sft-steps 600 --test-size 200      # the quick size (~6 min on 2 CPU cores)
+        --pretrain-steps 600 --sft-steps 600 --test-size 200      # the quick size
     python benchmarks/align.py --seeds 0 --steps 20 ...           # one seed, fewer steps
 
 Start: the SFT model of the fine-tuning benchmark (benchmarks/finetune.py): the demo model (configs/tiny.toml,
 Shakespeare; trained here first when --demo is missing, ``--pretrain-steps`` shortens it) fully fine-tuned on
 two-term arithmetic from reasoning-gym (``moelab data tasks arithmetic``), written to OUT/sft/model unless
 ``--sft`` names one. Test set: prompts disjoint from the training prompts, exact match from greedy decoding.
+Validation set: prompts disjoint from both. Where ``--grpo-lr`` / ``--dpo-lr`` list several learning rates, each
+is tried on the first seed and the one with the best *validation* exact match is kept for every seed (the test
+set never chooses anything); the sweep is printed.
 
 Equal budgets: each method draws S = steps × prompts-per-step × group samples from the model it starts from.
 
@@ -94,25 +97,28 @@ def logs_of(run: Path) -> list[dict]:
 
 
 def outcome(run: Path, res, tok, test: list[dict], t0: float, budget: int, args) -> dict:
+    """Exact match on the test set (``em``) and on the validation set (``em_val``), forgetting and speed."""
     rows = logs_of(run)
     first = next(r for r in rows if "general_val_ppl" in r)
     wall = time.perf_counter() - t0
     model = moelab.load(run / "model", dtype=torch.float32)
     em = score_exact_match(model, tok, test, max_new_tokens=args.max_new)["accuracy"]
+    em_val = score_exact_match(model, tok, args.val_rows, max_new_tokens=args.max_new)["accuracy"]
     steps = [r for r in rows if "tokens_per_s" in r]
-    return {"em": em, "ppl_before": first["general_val_ppl"], "ppl_after": res.last_eval["general_val_ppl"],
+    return {"em": em, "em_val": em_val, "ppl_before": first["general_val_ppl"],
+            "ppl_after": res.last_eval["general_val_ppl"],
             "wall_s": wall, "samples_per_s": budget / wall,
             "train_tokens_per_s": statistics.mean(r["tokens_per_s"] for r in steps[1:] or steps), "samples": budget}
 
 
-def run_grpo(args, base: Path, seed: int, task_train: Path, tok, test) -> dict:
+def run_grpo(args, base: Path, seed: int, lr: float, task_train: Path, tok, test) -> dict:
     rows = args.prompts_per_step * args.group
     sets = common_sets(args, base, seed, args.steps) + [
-        f"data.path={task_train}", "data.val_fraction=0.02", f"train.batch_size={rows}", f"train.lr={args.grpo_lr}",
+        f"data.path={task_train}", "data.val_fraction=0.02", f"train.batch_size={rows}", f"train.lr={lr}",
         f"train.eval_batches={max(1, EVAL_WINDOWS // rows)}",
         f"grpo.group={args.group}", f"grpo.max_new_tokens={args.max_new}", f"grpo.beta={args.grpo_beta}",
         "grpo.reward=exact_match", "grpo.temperature=1.0"]
-    run = args.out / f"grpo-s{seed}"
+    run = args.out / f"grpo-s{seed}-lr{lr:g}"
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
     res, summary = finetune(load_finetune_config(None, sets, method="grpo"), run, progress=False)
@@ -123,7 +129,7 @@ def run_grpo(args, base: Path, seed: int, task_train: Path, tok, test) -> dict:
     return out
 
 
-def run_dpo(args, base: Path, seed: int, train_rows: list[dict], tok, test) -> dict:
+def run_dpo(args, base: Path, seed: int, lr: float, train_rows: list[dict], tok, test) -> dict:
     n_prompts = args.steps * args.prompts_per_step
     rng = torch.Generator().manual_seed(seed)
     prompts = [train_rows[int(i)] for i in torch.randperm(len(train_rows), generator=rng)[:n_prompts]]
@@ -132,7 +138,7 @@ def run_dpo(args, base: Path, seed: int, train_rows: list[dict], tok, test) -> d
     pairs, stats = build_preferences(model, tok, prompts, samples=args.group, temperature=1.0,
                                      max_new_tokens=args.max_new, batch_size=args.prompts_per_step * 2, seed=seed)
     del model
-    run = args.out / f"dpo-s{seed}"
+    run = args.out / f"dpo-s{seed}-lr{lr:g}"
     shutil.rmtree(run, ignore_errors=True)
     if len(pairs) < 4:
         print(f"DPO seed {seed}: only {len(pairs)} pairs from {n_prompts} prompts; skipped", file=sys.stderr)
@@ -142,7 +148,7 @@ def run_dpo(args, base: Path, seed: int, train_rows: list[dict], tok, test) -> d
     sets = common_sets(args, base, seed, steps) + [
         f"data.path={prefs}", "data.val_fraction=0.1", f"train.batch_size={args.dpo_batch}",
         f"train.eval_batches={max(1, EVAL_WINDOWS // args.dpo_batch)}",
-        f"train.lr={args.dpo_lr}", f"dpo.beta={args.dpo_beta}"]
+        f"train.lr={lr}", f"dpo.beta={args.dpo_beta}"]
     res, _ = finetune(load_finetune_config(None, sets, method="dpo"), run, progress=False)
     out = outcome(run, res, tok, test, t0, n_prompts * args.group, args)
     out.update(pairs=len(pairs), dpo_steps=steps, sample_accuracy=stats.correct_samples / max(stats.samples, 1))
@@ -164,14 +170,17 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8, help="G: samples per prompt (both methods)")
     ap.add_argument("--max-new", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--grpo-lr", type=float, default=1e-4)
+    ap.add_argument("--grpo-lr", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4],
+                    help="learning rate; several: chosen on the validation set with the first seed")
     ap.add_argument("--grpo-beta", type=float, default=0.04)
-    ap.add_argument("--dpo-lr", type=float, default=1e-5, help="1e-4 collapsed exact match to ~0.15 (quick run)")
+    ap.add_argument("--dpo-lr", type=float, nargs="+", default=[3e-6, 1e-5, 3e-5, 1e-4],
+                    help="learning rate; several: chosen on the validation set with the first seed")
     ap.add_argument("--dpo-beta", type=float, default=0.1)
     ap.add_argument("--dpo-batch", type=int, default=8)
     ap.add_argument("--dpo-epochs", type=float, default=2.0)
     ap.add_argument("--train-size", type=int, default=4000)
     ap.add_argument("--test-size", type=int, default=300)
+    ap.add_argument("--val-size", type=int, default=200, help="validation prompts (choose the learning rate)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -180,22 +189,34 @@ def main() -> None:
     t_start = time.perf_counter()
     train_rows = generate("arithmetic", args.train_size, seed=0)
     test = generate("arithmetic", args.test_size, seed=1, exclude={r["prompt"] for r in train_rows})
+    args.val_rows = generate("arithmetic", args.val_size, seed=2,
+                             exclude={r["prompt"] for r in train_rows} | {r["prompt"] for r in test})
     task_train = write_jsonl(train_rows, args.out / "train.jsonl")
     base = ensure_sft(args, task_train)
     tok = load_tokenizer(base)
     sft_model = moelab.load(base, dtype=torch.float32)
     sft_em = score_exact_match(sft_model, tok, test, max_new_tokens=args.max_new)["accuracy"]
-    print(f"SFT model {base}: test exact match {sft_em:.3f}", file=sys.stderr)
+    sft_em_val = score_exact_match(sft_model, tok, args.val_rows, max_new_tokens=args.max_new)["accuracy"]
+    print(f"SFT model {base}: test exact match {sft_em:.3f}, validation {sft_em_val:.3f}", file=sys.stderr)
     results: dict[str, list[dict]] = {"grpo": [], "dpo": []}
+    runners = {"grpo": lambda s, lr: run_grpo(args, base, s, lr, task_train, tok, test),
+               "dpo": lambda s, lr: run_dpo(args, base, s, lr, train_rows, tok, test)}
+    lrs = {"grpo": args.grpo_lr, "dpo": args.dpo_lr}
+    chosen, sweeps = {}, {}
+    for name in args.methods:     # the learning rate: best validation exact match on the first seed
+        sweeps[name] = {lr: runners[name](args.seeds[0], lr) for lr in lrs[name]}
+        done = {lr: r for lr, r in sweeps[name].items() if not r.get("skipped")}
+        chosen[name] = max(done, key=lambda lr: done[lr]["em_val"]) if done else lrs[name][0]
+        if len(lrs[name]) > 1:
+            print(f"{name} learning rate by validation EM: " + ", ".join(
+                f"{lr:g}: {r['em_val']:.3f}" for lr, r in done.items()) + f" → {chosen[name]:g}", file=sys.stderr)
     for seed in args.seeds:
-        for name, fn in (("grpo", lambda s: run_grpo(args, base, s, task_train, tok, test)),
-                         ("dpo", lambda s: run_dpo(args, base, s, train_rows, tok, test))):
-            if name not in args.methods:
-                continue
-            r = fn(seed)
-            results[name].append({"seed": seed, **r})
+        for name in args.methods:
+            lr = chosen[name]
+            r = sweeps[name][lr] if seed == args.seeds[0] else runners[name](seed, lr)
+            results[name].append({"seed": seed, "lr": lr, **r})
             if not r.get("skipped"):
-                print(f"  {name} seed {seed}: EM {sft_em:.3f} → {r['em']:.3f}, ppl {r['ppl_before']:.2f} → "
+                print(f"  {name} seed {seed} lr {lr:g}: EM {sft_em:.3f} → {r['em']:.3f}, ppl {r['ppl_before']:.2f} → "
                       f"{r['ppl_after']:.2f}, {r['wall_s']:.0f} s", file=sys.stderr)
 
     def agg(name, key):
@@ -220,14 +241,24 @@ def main() -> None:
         wall, _ = agg(name, "wall_s")
         lines.append(f"| {name} | {sft_em:.3f} → {em:.3f} ± {sd:.3f} | {1000 * (em - sft_em) / budget:+.3f} | "
                      f"{b:.2f} → {a:.2f} ± {a_sd:.2f} | {sps:.1f} | {tps:,.0f} | {wall:.0f} |")
-        kv += [f"{name}_em={em:.3f}", f"{name}_em_std={sd:.3f}", f"{name}_ppl={a:.2f}",
+        kv += [f"{name}_lr={chosen[name]:g}", f"{name}_em={em:.3f}", f"{name}_em_std={sd:.3f}", f"{name}_ppl={a:.2f}",
                f"{name}_samples_per_s={sps:.1f}"]
+    for name in args.methods:
+        if len(lrs[name]) > 1:
+            lines.append("")
+            lines.append(f"{name} learning rate chosen on {args.val_size} validation prompts (seed {args.seeds[0]}; "
+                         f"SFT {sft_em_val:.3f}): "
+                         + ", ".join(f"{lr:g} → {r['em_val']:.3f}" + (" (kept)" if lr == chosen[name] else "")
+                                     for lr, r in sweeps[name].items() if not r.get("skipped")))
     table = "\n".join(lines)
     print(table)
     (args.out / "table.md").write_text(table + "\n")
     tmp = args.out / "results.json.tmp"
-    tmp.write_text(json.dumps({"sft_em": sft_em, "args": {k: str(v) for k, v in vars(args).items()},
-                               "runs": results, "total_s": time.perf_counter() - t_start}, indent=2))
+    tmp.write_text(json.dumps({"sft_em": sft_em, "sft_em_val": sft_em_val,
+                               "args": {k: str(v) for k, v in vars(args).items() if k != "val_rows"},
+                               "runs": results, "chosen_lr": chosen,
+                               "sweeps": {n: {f"{lr:g}": r for lr, r in sw.items()} for n, sw in sweeps.items()},
+                               "total_s": time.perf_counter() - t_start}, indent=2))
     tmp.replace(args.out / "results.json")
     print("RESULT " + " ".join(kv))
 

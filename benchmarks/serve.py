@@ -3,6 +3,7 @@ concurrent streaming clients, with the same load against ``transformers serve`` 
 
     python benchmarks/serve.py                                  # a fresh configs/tiny.toml checkpoint (~2 min)
     python benchmarks/serve.py --checkpoint runs/tiny/model --max-tokens 64 --requests 4
+    python benchmarks/serve.py --config configs/deepseek-v2-lite.toml --device cuda --dtype bfloat16   # on a GPU
 
 Each client sends ``--requests`` streaming ``/v1/completions`` requests one after another (greedy,
 ``--max-tokens`` new tokens, prompts of 16-48 tokens). A request counts as failed unless it answered 200 and its
@@ -125,7 +126,11 @@ def run_server(name: str, cmd: list[str], health: str, url: str, model: str, arg
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", type=Path, help="checkpoint to serve (default: init configs/tiny.toml)")
+    ap.add_argument("--checkpoint", type=Path, help="checkpoint to serve (default: init --config, random weights)")
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "tiny.toml",
+                    help="model config initialised when --checkpoint is not given (e.g. configs/deepseek-v2-lite.toml)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both servers)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights (both servers)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests", type=int, default=3, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -137,14 +142,16 @@ def main() -> None:
     if ckpt is None:
         tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
         ckpt = tmp / "tiny"
-        init = [sys.executable, "-m", "moelab", "init", str(ROOT / "configs" / "tiny.toml"), "--out", str(ckpt)]
+        init = [sys.executable, "-m", "moelab", "init", str(args.config), "--out", str(ckpt), "--dtype", args.dtype]
         subprocess.run(init, check=True, stdout=subprocess.DEVNULL)
     name = ckpt.resolve().name
-    print(f"checkpoint {ckpt}; CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores", flush=True)
+    print(f"checkpoint {ckpt}; {args.device}, {args.dtype}; CPU: {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores", flush=True)
     base = f"http://127.0.0.1:{args.port}"
     rows, notes = [], []
     r, why = run_server("moelab serve", [sys.executable, "-m", "moelab", "serve", str(ckpt), "--port", str(args.port),
-                                         "--device", "cpu", "--log-level", "warning", "--max-batch", "32"],
+                                         "--device", args.device, "--dtype", args.dtype, "--log-level", "warning",
+                                         "--max-batch", "32"],
                         base + "/health", base + "/v1/completions", name, args)
     rows += r
     notes += [why] if why else []
@@ -156,7 +163,7 @@ def main() -> None:
             peer_port = args.port + 1
             pbase = f"http://127.0.0.1:{peer_port}"
             r, why = run_server("transformers serve", [cli, "serve", str(ckpt.resolve()), "--port", str(peer_port),
-                                                       "--device", "cpu", "--dtype", "float32"],
+                                                       "--device", args.device, "--dtype", args.dtype],
                                 pbase + "/health", pbase + "/v1/completions", str(ckpt.resolve()), args)
             rows += r
             notes += [why] if why else []

@@ -22,12 +22,12 @@ def free_port() -> int:
 class LiveServer:
     """uvicorn serving ``app`` on 127.0.0.1:``port`` in a thread; ``url`` is its /v1 base."""
 
-    def __init__(self, app, engine):
+    def __init__(self, app, engine, limit_concurrency: int = 64):
         import uvicorn
 
         self.engine, self.port = engine, free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    limit_concurrency=64))
+                                                    limit_concurrency=limit_concurrency))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -60,9 +60,9 @@ def live_server(make_server):
     """``live_server(**options) -> LiveServer``; every server started is stopped after the test."""
     started = []
 
-    def start(**kw):
+    def start(limit_concurrency: int = 64, **kw):
         app, engine = make_server(**kw)
-        started.append(LiveServer(app, engine))
+        started.append(LiveServer(app, engine, limit_concurrency))
         return started[-1]
 
     yield start

@@ -1,6 +1,6 @@
 """Real clients on localhost: the ``openai`` package (completion, chat, streaming) against uvicorn; a flood of
-requests gets 503s and no failure; a client that disconnects mid-stream frees its blocks; SIGTERM lets the
-running request finish, then the process exits."""
+requests gets 503s and no failure, and so does a flood of connections; a client that disconnects mid-stream
+frees its blocks; SIGTERM lets the running request finish, then the process exits."""
 
 from __future__ import annotations
 
@@ -70,6 +70,36 @@ def test_flood_gets_503s_and_nothing_fails(live_server):
     assert any("busy" in t for t in texts)
     assert len({t for c, t in zip(codes, texts, strict=True) if c == 200}) == 1     # every success: same greedy text
     assert httpx.get(srv.base + "/health").status_code == 200
+
+
+def test_connection_flood_beyond_the_limit_gets_503_and_the_server_stays_up(live_server):
+    """Connections beyond ``limit_concurrency`` are answered 503 at once while the open ones are held (streams
+    kept open, unread); when they close, the server answers normally again."""
+    srv = live_server(limit_concurrency=4, max_batch=2, max_waiting=64)
+    body = {"prompt": "hold", "max_tokens": 200, "temperature": 0, "stream": True}
+    clients = [httpx.Client(timeout=30) for _ in range(4)]
+    streams = []
+    try:
+        for c in clients:                          # open connections hold the slots while their streams run
+            cm = c.stream("POST", srv.url + "/completions", json=body)
+            streams.append((cm, cm.__enter__()))
+        flood = [httpx.post(srv.url + "/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
+                 for _ in range(8)]
+        codes = [r.status_code for r in flood]
+        assert 503 in codes, codes
+        assert set(codes) <= {200, 503}, codes
+        assert all(r.text for r in flood if r.status_code == 503)      # a body that says why, not a reset
+    finally:
+        for cm, _ in streams:
+            cm.__exit__(None, None, None)
+        for c in clients:
+            c.close()
+    deadline = time.monotonic() + 30
+    while metric(srv.base, "moelab_choices_running") or metric(srv.base, "moelab_cache_blocks_used"):
+        assert time.monotonic() < deadline, "the closed streams did not free their choices"
+        time.sleep(0.1)
+    r = httpx.post(srv.url + "/completions", json={"prompt": "after", "max_tokens": 3, "temperature": 0}, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
 def test_disconnect_mid_stream_frees_the_blocks(live_server):

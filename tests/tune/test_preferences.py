@@ -19,6 +19,9 @@ from moelab.tune.preferences import build_preferences, pair_from
 def test_pair_rule():
     assert pair_from("q", ["7", "5", " 5 ", "x"], "5") == {"prompt": "q", "chosen": "5", "rejected": "7"}
     assert pair_from("q", ["5", "5"], "5") is None and pair_from("q", ["1", "2"], "5") is None
+    # an empty answer is wrong but cannot be written as a rejected answer (the DPO reader refuses empty text)
+    assert pair_from("q", ["", "5", " ", "7"], "5") == {"prompt": "q", "chosen": "5", "rejected": "7"}
+    assert pair_from("q", ["", "5"], "5") is None
 
 
 def test_end_to_end(tiny_checkpoint, tmp_path):

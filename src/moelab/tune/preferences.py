@@ -8,7 +8,8 @@ For each prompt the model writes ``samples`` answers (temperature sampling, the 
 :mod:`moelab.data.chat`); an answer is correct when it matches the reference (:func:`moelab.data.tasks.
 exact_match`). A prompt with at least one correct and one incorrect answer gives one pair: the first
 correct answer is chosen, the first incorrect one rejected. Prompts the model always gets right or always
-gets wrong give none (counted).
+gets wrong give none (counted). An empty answer (the model ended at once) is wrong but never the rejected
+answer: a preference file needs text on both sides (:func:`moelab.data.prefs.read_preferences`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class PrefBuildStats:
 def pair_from(prompt: str, answers: list[str], reference: str) -> dict | None:
     """One pair from a prompt's sampled answers (module docstring), or None."""
     good = [a for a in answers if exact_match(a, reference)]
-    bad = [a for a in answers if not exact_match(a, reference)]
+    bad = [a for a in answers if a.strip() and not exact_match(a, reference)]
     if not good or not bad:
         return None
     return {"prompt": prompt, "chosen": good[0], "rejected": bad[0]}
