@@ -101,3 +101,33 @@ def test_batches_are_whole_pairs_and_resume_is_exact(setup, tmp_path):
         finetune(cfg_for(setup), part, progress=False, on_event=stop_at_6)
     finetune(cfg_for(setup), part, resume=True, progress=False)
     assert [r["loss"] for r in _logs(whole)] == [r["loss"] for r in _logs(part)]
+
+
+def test_reference_checkpoint_gives_its_log_probabilities_and_must_share_the_tokenizer(setup, tmp_path):
+    """``dpo.reference``: the reference log-probabilities are that checkpoint's (the base named explicitly
+    gives exactly the default's); a reference with another tokenizer is refused with a clear message."""
+    from moelab.errors import CheckpointError
+    from moelab.tune.dpo_data import answer_logps
+    from moelab.tune.run import build_job
+
+    default, _ = build_job(cfg_for(setup))
+    named, _ = build_job(cfg_for(setup, **{"dpo.reference": setup / "base"}))
+    assert (named.train_data.ref == default.train_data.ref).all()
+    other = tmp_path / "other"
+    other_model = DeepSeekForCausalLM.from_config(make_config(TINY_MOE | {"vocab_size": 300}), seed=1)
+    moelab.save(other_model, other, tokenizer=setup)
+    job, summary = build_job(cfg_for(setup, **{"dpo.reference": other}))
+    assert summary["dpo"]["reference"] == str(other)
+    rows = job.train_data.pair_rows([0, 1])                  # brute force: the other model on two pairs
+    with torch.no_grad():
+        want = answer_logps(other_model.eval()(rows["x"]).logits, rows["y"]).double().view(-1, 2).numpy()
+    assert abs(job.train_data.ref[:2] - want).max() < 1e-6
+    assert abs(job.train_data.ref[:2] - default.train_data.ref[:2]).max() > 1e-3
+    tok = byte_level_tokenizer()
+    tok.add_special_tokens(["<extra>"])
+    save_tokenizer(tok, tmp_path)
+    moelab.save(other_model, tmp_path / "othertok", tokenizer=tmp_path)
+    with pytest.raises(CheckpointError, match=r"dpo.reference .*othertok has a different tokenizer"):
+        build_job(cfg_for(setup, **{"dpo.reference": tmp_path / "othertok"}))
+    with pytest.raises(CheckpointError, match=r"dpo.reference .*nowhere is not a checkpoint directory"):
+        build_job(cfg_for(setup, **{"dpo.reference": tmp_path / "nowhere"}))

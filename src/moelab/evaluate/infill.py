@@ -25,7 +25,7 @@ import torch
 from moelab.data.fim import encode_plain_many, sentinel_ids
 from moelab.data.tokenizer import FIM_BEGIN, FIM_END, FIM_HOLE
 from moelab.errors import DataError
-from moelab.evaluate.lm import context_length, generate_ids, left_pad, model_device, separator_id
+from moelab.evaluate.lm import context_length, generate_texts, left_pad, model_device, separator_id
 from moelab.lm.nll import token_nll
 
 
@@ -106,20 +106,8 @@ def run_infill(model, tokenizer, tasks: list[InfillTask], max_new_tokens: int = 
     budget = context_length(model) - max_new_tokens
     start = separator_id(model, tokenizer)
     prompts = [prompt_ids(tokenizer, t, start, budget) for t in tasks]
-    order = sorted(range(len(tasks)), key=lambda i: len(prompts[i]))
-    preds: list[str] = [""] * len(tasks)
-    was_training = model.training
-    model.eval()
-    try:
-        for s in range(0, len(order), batch_size):
-            chunk = order[s:s + batch_size]
-            outs = generate_ids(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens)
-            for i, row in zip(chunk, outs, strict=True):
-                preds[i] = first_line(tokenizer.decode(row, skip_special_tokens=True))
-            if on_batch is not None:
-                on_batch(len(chunk))
-    finally:
-        model.train(was_training)
+    texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch=on_batch, strip=False)
+    preds = [first_line(t) for t in texts]
     hits = [p == t.target.rstrip() for p, t in zip(preds, tasks, strict=True)]
     return {"exact_match": sum(hits) / max(len(hits), 1), "n": len(hits), "hits": sum(hits),
             "examples": [{"task": t.name, "target": t.target, "prediction": p, "hit": h}

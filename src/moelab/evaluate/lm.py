@@ -95,9 +95,10 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
 
 def generate_texts(model, tokenizer, prompts: list[str] | list[list[int]], max_new_tokens: int = 64,
                    batch_size: int = 8, system: str | None = None,
-                   on_batch: Callable[[int], None] | None = None) -> list[str]:
+                   on_batch: Callable[[int], None] | None = None, strip: bool = True) -> list[str]:
     """Greedy answers to ``prompts`` (user messages rendered with :func:`chat_prompt_ids`, or token-id
-    lists used as they are), decoded without special tokens; left-padded batches of ``batch_size``.
+    lists used as they are), decoded without special tokens (and stripped of surrounding white space unless
+    ``strip=False``); left-padded batches of ``batch_size``.
 
     Prompts are sorted by length so that a batch pads little; answers come back in the input order.
     ``on_batch(n)`` is called after each batch of n prompts (for progress bars).
@@ -116,7 +117,8 @@ def generate_texts(model, tokenizer, prompts: list[str] | list[list[int]], max_n
             chunk = order[s:s + batch_size]
             outs = generate_ids(model, tokenizer, [ids[i] for i in chunk], max_new_tokens)
             for i, row in zip(chunk, outs, strict=True):
-                answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                answers[i] = text.strip() if strip else text
             if on_batch is not None:
                 on_batch(len(chunk))
     finally:

@@ -113,7 +113,8 @@ finetune_app.command("dpo")(_command("dpo", """DPO: learn from preference pairs 
 
     data.path is a preference JSON Lines file ({"prompt", "chosen", "rejected"}, or chat "messages" with
     the answers; `moelab data prefs` makes one from a model's own samples). The reference is the base
-    model (its log-probabilities computed once). [dpo] sets beta (0.1), loss (sigmoid or ipo),
+    model, or dpo.reference (a checkpoint with the same tokenizer); its log-probabilities are computed
+    once. [dpo] sets beta (0.1), loss (sigmoid or ipo),
     label_smoothing and what trains (full, lora or esft). Logged besides the loss: dpo_margin,
     dpo_accuracy, chosen_reward, rejected_reward and logratio (policy vs reference).
 

@@ -89,13 +89,15 @@ class EsftSection(_Section):
 
 class DPOSettings(_Section):
     """``[dpo]``: Direct Preference Optimization (DeepSeek LLM: one epoch, LR 5e-6, batch 512, warm-up +
-    cosine). ``data.path`` is a preference JSON Lines file (:mod:`moelab.data.prefs`); the reference is the
-    base model, its log-probabilities computed once before training. ``train`` picks what learns: every
-    weight, LoRA adapters ([lora]) or the selected experts ([esft])."""
+    cosine). ``data.path`` is a preference JSON Lines file (:mod:`moelab.data.prefs`); the reference is
+    ``reference`` (a checkpoint with the policy's tokenizer) or, by default, the base model, its
+    log-probabilities computed once before training. ``train`` picks what learns: every weight, LoRA adapters
+    ([lora]) or the selected experts ([esft])."""
 
     beta: float = 0.1
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = 0.0
+    reference: str | None = None
     train: Literal["full", "lora", "esft"] = "full"
 
     @model_validator(mode="after")

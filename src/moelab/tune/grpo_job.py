@@ -30,10 +30,8 @@ from tokenizers import Tokenizer
 
 from moelab.data.chat import ChatFormat, Example, to_messages
 from moelab.data.sft import SFTData, pack
-from moelab.data.tokenizer import load_tokenizer
 from moelab.dist.coord import agreed
-from moelab.errors import CheckpointError, ConfigError, DataError
-from moelab.interop.checkpoint import load as load_checkpoint_dir
+from moelab.errors import ConfigError, DataError
 from moelab.tune.dpo_job import PrefLoadStats
 from moelab.tune.grpo_data import GRPOData, PromptTask
 from moelab.tune.jobs import EsftJob, FullJob, LoraJob
@@ -140,31 +138,6 @@ def load_grpo_data(cfg, tokenizer: Tokenizer) -> tuple[GRPOData, SFTData, PrefLo
     return data, validation_rows(val, fmt, dc.seq_len, meta), stats
 
 
-def load_reference(cfg, policy_tokenizer: Tokenizer, vocab_size: int) -> torch.nn.Module:
-    """The frozen reference model: ``grpo.reference`` or the base, checked to share the policy's tokenizer."""
-    where = Path(cfg.grpo.reference or cfg.finetune.base)
-    if not (where / "config.json").is_file():
-        raise CheckpointError(f"grpo.reference {where} is not a checkpoint directory (no config.json)")
-    if cfg.grpo.reference:
-        try:
-            ref_tok = load_tokenizer(where)
-        except CheckpointError:
-            raise CheckpointError(f"grpo.reference {where} has no tokenizer.json; the KL compares the same token "
-                                  "ids, so the reference must come with the policy's tokenizer") from None
-        if ref_tok.get_vocab(with_added_tokens=True) != policy_tokenizer.get_vocab(with_added_tokens=True):
-            raise CheckpointError(f"grpo.reference {where} has a different tokenizer from finetune.base "
-                                  f"{cfg.finetune.base}; the KL penalty compares log-probabilities of the same "
-                                  "token ids, so use a reference trained with the policy's tokenizer")
-    ref = load_checkpoint_dir(where, dtype=torch.float32, **cfg.runtime.model_settings())
-    if ref.config.vocab_size != vocab_size:
-        raise CheckpointError(f"grpo.reference {where} has {ref.config.vocab_size} vocabulary rows but the policy "
-                              f"{vocab_size}; use a reference with the policy's vocabulary")
-    ref.eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
-
-
 class GRPOState:
     """Mixin for the fine-tuning jobs: checkpoints carry the sample batch; one process only."""
 
@@ -197,4 +170,4 @@ class GRPOEsftJob(GRPOState, EsftJob):
 GRPO_JOBS = {"full": GRPOFullJob, "lora": GRPOLoraJob, "esft": GRPOEsftJob}
 
 __all__ = ["GRPO_JOBS", "GRPOEsftJob", "GRPOFullJob", "GRPOLoraJob", "GRPOState", "load_grpo_data",
-           "load_reference", "prompt_messages", "read_tasks", "task_row", "validation_rows"]
+           "prompt_messages", "read_tasks", "task_row", "validation_rows"]

@@ -44,6 +44,7 @@ from moelab.train.loop import Job, RunResult, check_device, fit
 from moelab.train.run_dir import check_run_dir, note
 from moelab.tune.config import FinetuneConfig
 from moelab.tune.jobs import EsftJob, FullJob, LoraJob, PLoraJob
+from moelab.tune.reference import load_reference
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
@@ -78,7 +79,7 @@ def build_job(cfg: FinetuneConfig) -> tuple[Job, dict]:
 
         train_data, val_data, stats = load_preference_data(cfg, tokenizer, model.config.vocab_size)
     elif cfg.method == "grpo":
-        from moelab.tune.grpo_job import GRPO_JOBS, load_grpo_data, load_reference
+        from moelab.tune.grpo_job import GRPO_JOBS, load_grpo_data
 
         train_data, val_data, stats = load_grpo_data(cfg, tokenizer)
         jobs = GRPO_JOBS
@@ -125,12 +126,16 @@ def build_job(cfg: FinetuneConfig) -> tuple[Job, dict]:
         job = jobs["esft"](**common, expert_cfg=expert_cfg)
     else:  # pragma: no cover (validated by the config)
         raise TrainingError(f"unknown method {method}")
-    if cfg.method == "dpo":       # the reference: the base model (adapters still zero), before any step
-        train_data.set_reference(model)
-        val_data.set_reference(model)
+    if cfg.method == "dpo":       # the reference: dpo.reference, or the base (adapters still zero) before any step
+        ref = model if cfg.dpo.reference is None else load_reference(
+            cfg.dpo.reference, base, "dpo", tokenizer, model.config.vocab_size, **cfg.runtime.model_settings())
+        train_data.set_reference(ref)
+        val_data.set_reference(ref)
+        del ref
         summary.update(method="dpo", dpo=cfg.dpo.model_dump())
     if cfg.method == "grpo":      # the reference: frozen, from disk (LoRA / ESFT changed the policy in place)
-        train_data.attach(model, load_reference(cfg, tokenizer, model.config.vocab_size))
+        train_data.attach(model, load_reference(cfg.grpo.reference, base, "grpo", tokenizer,
+                                                model.config.vocab_size, **cfg.runtime.model_settings()))
         summary.update(method="grpo", grpo=cfg.grpo.model_dump())
     summary["trainable_params"] = count_params(model)[0]
     summary["total_params"] = base_params      # of the base model (LoRA / ESFT copies not counted)
