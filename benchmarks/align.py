@@ -170,10 +170,10 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8, help="G: samples per prompt (both methods)")
     ap.add_argument("--max-new", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--grpo-lr", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4],
+    ap.add_argument("--grpo-lr", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4, 3e-4],
                     help="learning rate; several: chosen on the validation set with the first seed")
     ap.add_argument("--grpo-beta", type=float, default=0.04)
-    ap.add_argument("--dpo-lr", type=float, nargs="+", default=[3e-6, 1e-5, 3e-5, 1e-4],
+    ap.add_argument("--dpo-lr", type=float, nargs="+", default=[1e-6, 3e-6, 1e-5, 3e-5, 1e-4],
                     help="learning rate; several: chosen on the validation set with the first seed")
     ap.add_argument("--dpo-beta", type=float, default=0.1)
     ap.add_argument("--dpo-batch", type=int, default=8)
