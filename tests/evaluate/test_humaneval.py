@@ -43,7 +43,7 @@ def test_canonical_solutions_pass_and_empty_bodies_fail():
 def test_samples_file_errors(tmp_path):
     problems = load_problems()
     cases = {'{"task_id": "HumanEval/0"}\n': ":1: 'completion' missing",
-             'not json\n': ":1: not JSON",
+             'not json\n': ":1: not valid JSON",
              '{"task_id": "HumanEval/0", "completion": "x"}\n[1]\n': ":2: expected a JSON object",
              '{"task_id": "Other/1", "completion": "x"}\n': ":1: unknown task_id",
              '\n': "no samples"}

@@ -12,14 +12,13 @@ identical chosen/rejected answer, or whose prompt leaves no room for an answer w
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from moelab.data.chat import ChatFormat, Example, to_messages
+from moelab.data.jsonl import read_records
 from moelab.errors import DataError
 
 
@@ -51,36 +50,19 @@ def _prompt_messages(row: dict) -> list[dict]:
 def read_preferences(path: str | os.PathLike, tokenizer: Tokenizer, max_len: int, template: str = "deepseek",
                      skip_malformed: bool = False, stats: PrefStats | None = None) -> list[PreferencePair]:
     """Every pair of a preference JSON Lines file, rendered and checked (module docstring)."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: no such preference file (JSON Lines with prompt/chosen/rejected)")
     fmt, stats = ChatFormat(tokenizer, template), stats if stats is not None else PrefStats()
-    pairs = []
-    with p.open(encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            stats.lines += 1
-            where = f"{p}:{n}"
-            try:
-                pairs.append(_pair(line, fmt, max_len, where))
-            except DataError as e:
-                if not skip_malformed:
-                    raise DataError(f"{where}: {e}; fix the line (or skip such lines with skip_malformed)") from None
-                stats.skipped.append(f"{where}: {e}")
+    before = len(stats.skipped)
+    pairs = read_records(path, lambda row, where: _pair(row, fmt, max_len, where),
+                         what="preference file (JSON Lines with prompt/chosen/rejected)",
+                         skip_malformed=skip_malformed, skipped=stats.skipped, hint="skip_malformed")
+    stats.lines += len(pairs) + len(stats.skipped) - before
     stats.pairs = len(pairs)
     if not pairs:
-        raise DataError(f"{p}: no usable preference pairs ({len(stats.skipped)} skipped)")
+        raise DataError(f"{path}: no usable preference pairs ({len(stats.skipped)} skipped)")
     return pairs
 
 
-def _pair(line: str, fmt: ChatFormat, max_len: int, where: str) -> PreferencePair:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"not valid JSON ({e.msg})") from None
-    if not isinstance(row, dict):
-        raise DataError("expected a JSON object with prompt (or messages), chosen and rejected")
+def _pair(row: dict, fmt: ChatFormat, max_len: int, where: str) -> PreferencePair:
     prompt = _prompt_messages(row)
     for key in ("chosen", "rejected"):
         if not isinstance(row.get(key), str) or not row[key].strip():

@@ -24,6 +24,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moelab.data.jsonl import read_records
 from moelab.errors import DataError, MoelabError
 from moelab.evaluate.sandbox import Limits, Result, run_programs
 
@@ -60,30 +61,19 @@ def truncate(completion: str, stops: tuple[str, ...] = STOPS) -> str:
 def read_samples(path: str | os.PathLike, problems: dict[str, dict] | None = None) -> list[tuple[str, str]]:
     """``[(task_id, completion), ...]`` from a JSON Lines file; a bad line is a :class:`DataError`
     ``file:line: reason``. With ``problems``, unknown task ids are refused too."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: no such samples file (one JSON object per line with task_id and completion)")
-    out = []
-    with p.open(encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{p}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object with task_id and completion")
-            for key in ("task_id", "completion"):
-                if not isinstance(row.get(key), str):
-                    raise DataError(f"{where}: {key!r} missing or not a string")
-            if problems is not None and row["task_id"] not in problems:
-                raise DataError(f"{where}: unknown task_id {row['task_id']!r} (HumanEval ids are HumanEval/0 ... "
-                                f"HumanEval/{len(problems) - 1})")
-            out.append((row["task_id"], row["completion"]))
+
+    def parse(row: dict, where: str) -> tuple[str, str]:
+        for key in ("task_id", "completion"):
+            if not isinstance(row.get(key), str):
+                raise DataError(f"{key!r} missing or not a string")
+        if problems is not None and row["task_id"] not in problems:
+            raise DataError(f"unknown task_id {row['task_id']!r} (HumanEval ids are HumanEval/0 ... "
+                            f"HumanEval/{len(problems) - 1})")
+        return row["task_id"], row["completion"]
+
+    out = read_records(path, parse, what="samples file (one JSON object per line with task_id and completion)")
     if not out:
-        raise DataError(f"{p}: no samples in the file")
+        raise DataError(f"{path}: no samples in the file")
     return out
 
 

@@ -31,6 +31,7 @@ from moelab.interop.weights import (
     check_regular_file,
     check_weight_files,
     iter_tensors,
+    parse_shard_size,
     stored_dtype,
     tensor_count,
     weight_files,
@@ -188,16 +189,6 @@ def export_state_dict(model: DeepSeekForCausalLM) -> Iterator[tuple[str, torch.T
             yield name, t
 
 
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", size, flags=re.I)
-    if not m:
-        raise CheckpointError(f"cannot read shard size {size!r}; use e.g. '5GB' or '500MB'")
-    unit = (m.group(2) or "B").upper().replace("IB", "B")
-    return int(float(m.group(1)) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[unit])
-
-
 def save(model: DeepSeekForCausalLM, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
          tokenizer: str | os.PathLike | None = None, overwrite: bool = True) -> Path:
     """Write ``model`` as a Hugging Face checkpoint directory that
@@ -212,7 +203,7 @@ def save(model: DeepSeekForCausalLM, path: str | os.PathLike, *, max_shard_size:
         raise CheckpointError(f"moelab.save expects a moelab model, got {type(model).__name__}")
     for msg in hf_compatibility_warnings(model.config):
         warnings.warn(f"moelab.save: {msg}", stacklevel=2)
-    return write_dir(Path(path), lambda tmp: _write(model, tmp, _parse_size(max_shard_size), tokenizer),
+    return write_dir(Path(path), lambda tmp: _write(model, tmp, parse_shard_size(max_shard_size), tokenizer),
                      kind=CHECKPOINT, overwrite=overwrite)
 
 

@@ -47,7 +47,7 @@ from moelab.interop.vl_hf_config import (
     read_vl_config,
     vl_config_to_hf,
 )
-from moelab.interop.weights import INDEX, SINGLE, iter_tensors, stored_dtype, weight_files
+from moelab.interop.weights import INDEX, SINGLE, iter_tensors, parse_shard_size, stored_dtype, weight_files
 from moelab.model.transformer import DeepSeekForCausalLM
 from moelab.model.vl_model import VisionLanguageModel
 
@@ -207,16 +207,6 @@ def load_vl(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, 
     return model.eval()
 
 
-def _shard_bytes(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", size, flags=re.I)
-    if not m:
-        raise CheckpointError(f"cannot read shard size {size!r}; use e.g. '5GB' or '500MB'")
-    unit = (m.group(2) or "B").upper().replace("IB", "B")
-    return int(float(m.group(1)) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[unit])
-
-
 def save_vl(model: VisionLanguageModel, path: str | os.PathLike, *, tokenizer=None, dtype: torch.dtype | None = None,
             overwrite: bool = False, max_shard_size: int | str = "5GB") -> Path:
     """Write ``model`` as a checkpoint in the released DeepSeek-VL2 layout (module docstring); returns ``path``.
@@ -227,7 +217,7 @@ def save_vl(model: VisionLanguageModel, path: str | os.PathLike, *, tokenizer=No
     """
     if not isinstance(model, VisionLanguageModel):
         raise CheckpointError(f"save_vl expects a moelab VisionLanguageModel, got {type(model).__name__}")
-    shard_bytes = _shard_bytes(max_shard_size)
+    shard_bytes = parse_shard_size(max_shard_size)
     return write_dir(Path(path), lambda tmp: _write(model, tmp, tokenizer, dtype, shard_bytes), kind=VL_CHECKPOINT,
                      overwrite=overwrite)
 

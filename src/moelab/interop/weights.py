@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,6 +192,17 @@ def tensor_count(path: Path) -> int:
     with _open_weight_file(path) as f:
         n = int.from_bytes(f.read(8), "little")
         return sum(1 for k in json.loads(f.read(n)) if k != "__metadata__")
+
+
+def parse_shard_size(size: int | str) -> int:
+    """Bytes of a shard size: an int, or text such as '5GB', '500MB', '2GiB' (decimal units)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", size, flags=re.I)
+    if not m:
+        raise CheckpointError(f"cannot read shard size {size!r}; use e.g. '5GB' or '500MB'")
+    unit = (m.group(2) or "B").upper().replace("IB", "B")
+    return int(float(m.group(1)) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[unit])
 
 
 def stored_dtype(path: Path) -> torch.dtype:

@@ -20,7 +20,6 @@ the policy's, token for token, since the KL compares log-probabilities of the sa
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 from tokenizers import Tokenizer
 
 from moelab.data.chat import ChatFormat, Example, to_messages
+from moelab.data.jsonl import read_records
 from moelab.data.sft import SFTData, pack
 from moelab.dist.coord import agreed
 from moelab.errors import ConfigError, DataError
@@ -63,38 +63,21 @@ def task_row(row: dict) -> dict:
 def read_tasks(path: str | Path, fmt: ChatFormat, reward: RuleReward, seq_len: int, max_new: int,
                skip_malformed: bool, stats: PrefLoadStats) -> list[PromptTask]:
     """Every task of a GRPO prompt file, checked (module docstring)."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: no such prompt file (JSON Lines with prompt and completion, answer or tests)")
-    tasks = []
-    with p.open(encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{p}:{n}"
-            try:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError("expected a JSON object with prompt (or messages) and completion, answer or tests")
-                row = task_row(row)
-                ids = fmt.prompt_ids(prompt_messages(row))
-                reward.check_row(row)
-                if len(ids) + max_new - 1 > seq_len:
-                    raise DataError(f"the prompt is {len(ids)} tokens; with grpo.max_new_tokens = {max_new} a "
-                                    f"sample needs {len(ids) + max_new - 1} positions but data.seq_len is {seq_len}"
-                                    "; raise data.seq_len or shorten the prompt")
-            except DataError as e:
-                if not skip_malformed:
-                    raise DataError(f"{where}: {e}; fix the line (or skip such lines with data.skip_malformed)"
-                                    ) from None
-                stats.skipped.append(f"{where}: {e}")
-                continue
-            tasks.append(PromptTask(ids, row, where))
+
+    def parse(row: dict, where: str) -> PromptTask:
+        row = task_row(row)
+        ids = fmt.prompt_ids(prompt_messages(row))
+        reward.check_row(row)
+        if len(ids) + max_new - 1 > seq_len:
+            raise DataError(f"the prompt is {len(ids)} tokens; with grpo.max_new_tokens = {max_new} a sample "
+                            f"needs {len(ids) + max_new - 1} positions but data.seq_len is {seq_len}; raise "
+                            "data.seq_len or shorten the prompt")
+        return PromptTask(ids, row, where)
+
+    tasks = read_records(path, parse, what="prompt file (JSON Lines with prompt and completion, answer or tests)",
+                         skip_malformed=skip_malformed, skipped=stats.skipped, hint="data.skip_malformed")
     if not tasks:
-        raise DataError(f"{p}: no usable prompts ({len(stats.skipped)} skipped)")
+        raise DataError(f"{path}: no usable prompts ({len(stats.skipped)} skipped)")
     return tasks
 
 
