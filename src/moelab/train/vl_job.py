@@ -16,14 +16,14 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tokenizers import Tokenizer
 
 from moelab.common.atomic import OutputKind
 from moelab.config import RUNTIME_FIELDS
+from moelab.data.split import split_off
 from moelab.data.tokenizer import EOS, byte_level_tokenizer
-from moelab.errors import ConfigError, DataError
+from moelab.errors import ConfigError
 from moelab.interop.vl_checkpoint import VL_CHECKPOINT, load_vl, load_vl_state_into, save_vl
 from moelab.model.vl_config import vl_config_from_sections
 from moelab.model.vl_model import VisionLanguageModel
@@ -117,13 +117,7 @@ def load_vl_data(cfg: VLRunConfig, processor: VLProcessor, pad_id: int) -> tuple
     if dc.val_path:
         train, val = exs, read_vl_records(dc.val_path, processor, dc.seq_len, dc.skip_malformed, stats)
     else:
-        if len(exs) < 2:
-            raise DataError(f"{dc.path}: one record cannot be split into training and validation; add records "
-                            "or set data.val_path")
-        order = np.random.default_rng([tc.seed, 0x564C]).permutation(len(exs))
-        n_val = max(1, round(dc.val_fraction * len(exs)))
-        val = [exs[i] for i in sorted(order[:n_val])]
-        train = [exs[i] for i in sorted(order[n_val:])]
+        train, val = split_off(exs, dc.val_fraction, tc.seed, 0x564C, dc.path, "record")     # "VL"
     vocab = processor.tok.get_vocab_size(with_added_tokens=True)
     mk = dict(processor=processor, seq_len=dc.seq_len, pad_id=pad_id, packing=dc.packing)
     return (VLData(train, micro_per_step=tc.grad_accum, meta={"vocab_size": vocab}, path=dc.path, **mk),

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 from tokenizers import Tokenizer
 
 from moelab.data.prefs import PrefStats, read_preferences
-from moelab.errors import DataError
+from moelab.data.split import split_off
 from moelab.tune.dpo_data import PreferenceData
 
 
@@ -37,13 +36,7 @@ def load_preference_data(cfg, tokenizer: Tokenizer, vocab_size: int) -> tuple[Pr
         val = read_preferences(dc.val_path, tokenizer, dc.seq_len + 1, dc.template, dc.skip_malformed, stats)
         train = pairs
     else:
-        order = np.random.default_rng([tc.seed, 0x445050]).permutation(len(pairs))     # "DPO"
-        n_val = max(1, round(dc.val_fraction * len(pairs))) if len(pairs) > 1 else 0
-        if n_val == 0:
-            raise DataError(f"{dc.path}: one pair cannot be split into training and validation; add pairs or "
-                            "set data.val_path")
-        val = [pairs[i] for i in sorted(order[:n_val])]
-        train = [pairs[i] for i in sorted(order[n_val:])]
+        train, val = split_off(pairs, dc.val_fraction, tc.seed, 0x445050, dc.path, "pair")     # "DPO"
     pad = tokenizer.token_to_id("<｜▁pad▁｜>")
     pad = pad if pad is not None else tokenizer.token_to_id("<｜end▁of▁sentence｜>") or 0
     meta = {"vocab_size": tokenizer.get_vocab_size(with_added_tokens=True)}

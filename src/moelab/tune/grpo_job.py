@@ -23,13 +23,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tokenizers import Tokenizer
 
 from moelab.data.chat import ChatFormat, Example, to_messages
 from moelab.data.jsonl import read_records
 from moelab.data.sft import SFTData, pack
+from moelab.data.split import split_off
 from moelab.dist.coord import agreed
 from moelab.errors import ConfigError, DataError
 from moelab.tune.dpo_job import PrefLoadStats
@@ -108,13 +108,7 @@ def load_grpo_data(cfg, tokenizer: Tokenizer) -> tuple[GRPOData, SFTData, PrefLo
     if dc.val_path:
         train, val = tasks, read_tasks(dc.val_path, *args)
     else:
-        if len(tasks) < 2:
-            raise DataError(f"{dc.path}: one prompt cannot be split into training and validation; add prompts or "
-                            "set data.val_path")
-        order = np.random.default_rng([tc.seed, 0x4752]).permutation(len(tasks))
-        n_val = max(1, round(dc.val_fraction * len(tasks)))
-        val = [tasks[i] for i in sorted(order[:n_val])]
-        train = [tasks[i] for i in sorted(order[n_val:])]
+        train, val = split_off(tasks, dc.val_fraction, tc.seed, 0x4752, dc.path, "prompt")     # "GR"
     meta = {"vocab_size": tokenizer.get_vocab_size(with_added_tokens=True)}
     data = GRPOData(train, g, reward, dc.seq_len, fmt.pad, fmt.eos, tokenizer, tc.batch_size * tc.grad_accum,
                     tc.dtype, meta)
