@@ -58,6 +58,27 @@ class DataConfig(_Section):
         return self
 
 
+class RecordDataConfig(_Section):
+    """``[data]`` of the stages that read records from JSON Lines (SFT, DPO, GRPO, VL): the file, its
+    validation split (``val_path``, else a seeded ``val_fraction``), the row length, packing, and whether a
+    malformed line stops the run or is skipped and counted."""
+
+    path: str
+    val_path: str | None = None                 # a separate validation file; else a val_fraction split
+    val_fraction: float = 0.05
+    seq_len: int = 512
+    packing: bool = True
+    skip_malformed: bool = False                # skip and count malformed lines instead of stopping
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.seq_len < 2:
+            raise ValueError(f"data.seq_len must be >= 2 (got {self.seq_len})")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1) (got {self.val_fraction})")
+        return self
+
+
 class TrainConfig(_Section):
     """The optimisation recipe (defaults: DeepSeek LLM / DeepSeekMoE, docs/methods.md §1 and §10)."""
 

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from moelab.config import format_validation_error, read_toml
 from moelab.errors import ConfigError
-from moelab.train.config import BalanceConfig, TrainConfig, apply_overrides
+from moelab.train.config import BalanceConfig, RecordDataConfig, TrainConfig, apply_overrides
 
 Stage = Literal["align", "pretrain", "sft"]
 STAGES = ("align", "pretrain", "sft")
@@ -54,23 +54,9 @@ class VLSection(_Section):
     train_encoder: bool = True          # align stage: the encoder trains with the adaptor
 
 
-class VLDataConfig(_Section):
-    path: str
-    val_path: str | None = None
-    val_fraction: float = 0.05
-    seq_len: int = 512
+class VLDataConfig(RecordDataConfig):
     template: Literal["auto", "plain", "deepseek"] = "auto"     # auto: deepseek for sft, else plain
-    packing: bool = True
-    skip_malformed: bool = False
     tokenizer: str | None = None        # tokenizer.json for a fresh model (default: byte-level + VL tokens)
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.seq_len < 2:
-            raise ValueError(f"data.seq_len must be >= 2 (got {self.seq_len})")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1) (got {self.val_fraction})")
-        return self
 
 
 class VLTrainConfig(TrainConfig):

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from moelab.config import RuntimeSettings, format_validation_error, non_finite_settings, read_toml
 from moelab.dist.mesh import ParallelConfig
 from moelab.errors import ConfigError
-from moelab.train.config import BalanceConfig, TrainConfig, apply_overrides
+from moelab.train.config import BalanceConfig, RecordDataConfig, TrainConfig, apply_overrides
 from moelab.tune.lora import LoraSettings
 from moelab.tune.plora import PLoraSettings
 
@@ -50,25 +50,13 @@ class FinetuneSection(_Section):
     base: str                          # checkpoint directory to start from
 
 
-class SFTDataConfig(_Section):
-    """SFT data (see :mod:`moelab.data.sft`)."""
+class SFTDataConfig(RecordDataConfig):
+    """SFT data (see :mod:`moelab.data.sft`): JSON Lines ``{"messages": [...]}`` or ``{"prompt", "completion"}``
+    (DPO: preference pairs; GRPO: prompts), rendered with ``template``; ``general_path`` is a token directory
+    whose validation split measures forgetting."""
 
-    path: str                                   # JSON Lines: {"messages": [...]} or {"prompt", "completion"}
-    val_path: str | None = None                 # a separate validation file; else a val_fraction split
-    val_fraction: float = 0.05
-    seq_len: int = 512
     template: Literal["deepseek", "plain"] = "deepseek"
-    packing: bool = True
-    skip_malformed: bool = False                # skip and count malformed lines instead of stopping
-    general_path: str | None = None             # token directory; its val split measures forgetting
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.seq_len < 2:
-            raise ValueError(f"data.seq_len must be >= 2 (got {self.seq_len})")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1) (got {self.val_fraction})")
-        return self
+    general_path: str | None = None
 
 
 class FinetuneTrainConfig(TrainConfig):
