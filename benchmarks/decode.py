@@ -27,7 +27,8 @@ first token), so the prefill and any compiling / capturing (done before the firs
 Roofline: the bytes a step must read at least — the weights it touches (all but the embedding table and
 the routed experts, plus the routed experts the batch hits: E·(1 − (1 − K/E)^B) per layer expected under
 uniform routing) and the cache (B × mean cached length × cache bytes per token) — over ``--bandwidth``
-(4.8 TB/s, an H200). Each case prints one ``RESULT`` line as soon as it is done.
+(by the GPU's name: H200 4.8 TB/s, H100 3.35 TB/s; an H200's on the CPU). Each case prints one ``RESULT``
+line as soon as it is done.
 """
 
 from __future__ import annotations
@@ -156,6 +157,12 @@ def hf_random(model: DeepSeekForCausalLM, device: str):
         return AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16).eval()
 
 
+def hbm_bandwidth(gpu_name: str) -> float:
+    """Peak memory bandwidth (bytes/s) of the GPU by its name: H100 SXM 3.35 TB/s (HBM3), H200 4.8 TB/s
+    (HBM3e); anything else (and the CPU, where the roofline is only a reference) an H200's."""
+    return 3.35e12 if "H100" in gpu_name else 4.8e12
+
+
 def parse_case(text: str) -> tuple[int, int]:
     b, _, c = text.lower().partition("x")
     return int(b), int(c)
@@ -176,7 +183,9 @@ def main() -> None:
                     help="moelab columns (default: all the device runs; compile only on CUDA)")
     ap.add_argument("--hf", action=argparse.BooleanOptionalAction, default=None,
                     help="run transformers (default: tiny yes, v2lite no)")
-    ap.add_argument("--bandwidth", type=float, default=4.8e12, help="bytes/s of the roofline (H200: 4.8e12)")
+    ap.add_argument("--bandwidth", type=float, default=None,
+                    help="bytes/s of the roofline (default: the GPU's by name — H200 4.8e12, H100 3.35e12 — "
+                         "else an H200's)")
     ap.add_argument("--budget", type=float, default=150.0, help="seconds the whole run should take")
     ap.add_argument("--compile-margin", type=float, default=60.0,
                     help="skip a case's compile column when fewer seconds than this are left of --budget")
@@ -197,6 +206,8 @@ def main() -> None:
         modes.remove("graph")
         print("graph: CUDA only, skipped")
     run_hf = (not v2) if args.hf is None else args.hf
+    gpu_name = torch.cuda.get_device_name(torch.device(args.device)) if cuda else ""
+    args.bandwidth = args.bandwidth or hbm_bandwidth(gpu_name)
 
     if v2:
         model = build_v2lite(args.device, args.layers)
@@ -215,7 +226,9 @@ def main() -> None:
         print("transformers: skipped (about a minute at these shapes; the issue measured 13.2 tokens/s at batch 1 "
               "x 4096 and 275 at batch 32 x 512); --hf runs it")
     if not cuda:
-        print(f"roofline: at {args.bandwidth / 1e12:.1f} TB/s (an H200's), not this machine's bandwidth")
+        print(f"roofline: at {args.bandwidth / 1e12:.2f} TB/s (an H200's), not this machine's bandwidth")
+    else:
+        print(f"roofline: at {args.bandwidth / 1e12:.2f} TB/s ({gpu_name})")
     print()
     cols = [*modes, *(["transformers"] if hf is not None else [])]
     print(f"| batch | context | {' | '.join(cols)} | roofline tok/s | best / roofline "

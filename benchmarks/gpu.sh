@@ -3,6 +3,8 @@
 #
 #   bash benchmarks/gpu.sh --fetch     # HERE, where pip works: wheels the GPU machine lacks -> .whl/
 #   bash benchmarks/gpu.sh             # THERE (device tool, carry [".whl"]): install them, run, write $OUT
+#                                      # ask for kind "nvidia-h200": the baseline was measured on one
+#                                      # (an H100 runs it too: same 989 TFLOP/s peak, 3.35 TB/s, 80 GB)
 #   DEVICE=cpu OUT=/tmp/gpu_dry bash benchmarks/gpu.sh    # dry run on a CPU machine (tiny sizes, minutes)
 #
 # The GPU machine has torch, transformers, safetensors, tokenizers, typer, rich, numpy, matplotlib and

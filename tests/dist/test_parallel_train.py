@@ -74,6 +74,21 @@ def test_parallel_losses_equal_one_process(excerpt_tokens, tmp_path, world, para
     _compare(ref, got)
 
 
+def test_model_output_tensors_are_visible_to_fsdp():
+    """FSDP2 registers its unshard-before-backward on the output tensors pytree finds (torch 2.11; 2.13 also
+    looks inside dataclasses): LMOutput's logits must be among them, or the root's weights are freed before
+    backward (fsdp runs above failed so on torch 2.11 before LMOutput was registered)."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    from moelab.model.transformer import LMOutput
+
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    leaves, spec = tree_flatten(LMOutput(logits=logits))
+    assert any(x is logits for x in leaves)
+    back = tree_unflatten([x * 2 if isinstance(x, torch.Tensor) else x for x in leaves], spec)
+    assert isinstance(back, LMOutput) and torch.equal(back.logits, logits * 2) and back.cache is None
+
+
 @pytest.mark.slow
 def test_dp2_ep2_mesh_equals_one_process(excerpt_tokens, tmp_path):
     ref = _one_process(run_config(excerpt_tokens), tmp_path / "one")

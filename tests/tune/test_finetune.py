@@ -1,7 +1,8 @@
 """`moelab finetune`: full, LoRA, PeriodicLoRA and ESFT runs through the training loop, end to end.
 
-A tiny MoE model with a trained tokenizer and arithmetic prompt/completion data generated with
-reasoning-gym; a few optimizer steps each. The methods' own maths is tested in test_lora.py,
+A tiny MoE model with a trained tokenizer and two-term arithmetic prompt/completion records written
+here (so the module runs where reasoning-gym is not installed, e.g. on the GPU machine); a few optimizer
+steps each. The methods' own maths is tested in test_lora.py,
 test_plora.py and test_esft.py; here: what trains, what is written, resume, merge and bad input.
 """
 
@@ -19,7 +20,7 @@ from typer.testing import CliRunner
 import moelab
 from moelab.cli import app
 from moelab.config import make_config
-from moelab.data.tasks import generate, write_jsonl
+from moelab.data.tasks import write_jsonl
 from moelab.data.tokenizer import save_tokenizer, train_tokenizer
 from moelab.data.tokens import prepare
 from moelab.errors import CheckpointError, ConfigError
@@ -29,6 +30,15 @@ from moelab.tune.run import finetune, merge_result
 
 EXCERPT = Path(__file__).resolve().parents[1] / "assets" / "shakespeare_excerpt.txt"
 MODEL = TINY_MOE | {"first_k_dense_replace": 1}     # tests/support/tiny.py
+
+
+def arithmetic(n: int, seed: int) -> list[dict]:
+    """``n`` records like reasoning-gym's two-term ``arithmetic``: 'Calculate 5 - 33.' → '-28'."""
+    rng = torch.Generator().manual_seed(seed)
+    a, b = (torch.randint(1, 50, (n,), generator=rng) for _ in range(2))
+    plus = torch.rand(n, generator=rng) < 0.5
+    return [{"prompt": f"Calculate {x} {'+' if p else '-'} {y}.", "completion": str(x + y if p else x - y)}
+            for x, y, p in zip(a.tolist(), b.tolist(), plus.tolist(), strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +51,7 @@ def setup(tmp_path_factory):
     save_tokenizer(tok, tok_dir)
     base = root / "base"
     moelab.save(DeepSeekForCausalLM.from_config(make_config(MODEL), seed=0), base, tokenizer=tok_dir)
-    data = write_jsonl(generate("arithmetic", 120, seed=0), root / "arith.jsonl")
+    data = write_jsonl(arithmetic(120, seed=0), root / "arith.jsonl")
     src = root / "corpus"
     src.mkdir()
     for i in range(4):

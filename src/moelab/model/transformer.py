@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from moelab.config import ModelConfig
@@ -31,6 +32,13 @@ from moelab.model.router import Router
 class LMOutput:
     logits: torch.Tensor                 # [B, T, V]
     cache: DecodingCache | StaticCache | None = None
+
+
+# FSDP2 hooks the unshard-before-backward on the output tensors it finds; torch 2.11 finds them with pytree,
+# which sees inside a dataclass only when it is registered (without this the root's weights, e.g. lm_head,
+# are freed when backward needs them: "setStorage: ... out of bounds for storage of size 0").
+if hasattr(pytree, "register_dataclass"):
+    pytree.register_dataclass(LMOutput)
 
 
 def attention_mask_for(T: int, past: int, padding: torch.Tensor | None, device) -> torch.Tensor | None:
