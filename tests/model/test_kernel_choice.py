@@ -14,8 +14,9 @@ from moelab.model import experts as ex
 from moelab.model import kernel_choice as kc
 
 bf16, fp16, fp32, fp64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+NO_OP = "this torch has no grouped_mm"
 DEFAULT = dict(device_type="cpu", dtype=fp32, grad_enabled=True, n_tokens=40, n_routed=160, n_experts=16,
-               hidden=32, inner=8, grouped_mm_available=True)
+               hidden=32, inner=8, grouped_mm_missing=None)
 
 # (requested, changes to DEFAULT, kernel that runs, a word of the reason or None when it runs as asked)
 TABLE = [
@@ -29,10 +30,10 @@ TABLE = [
     ("loop", dict(n_tokens=3, n_routed=12, grad_enabled=True), "loop", None),
     # loop and padded_bmm always run as asked
     ("loop", dict(), "loop", None),
-    ("loop", dict(device_type="cuda", dtype=fp16, hidden=36, grouped_mm_available=False), "loop", None),
+    ("loop", dict(device_type="cuda", dtype=fp16, hidden=36, grouped_mm_missing=NO_OP), "loop", None),
     ("loop", dict(grad_enabled=False), "loop", None),
     ("padded_bmm", dict(), "padded_bmm", None),
-    ("padded_bmm", dict(device_type="cuda", dtype=fp32, grouped_mm_available=False), "padded_bmm", None),
+    ("padded_bmm", dict(device_type="cuda", dtype=fp32, grouped_mm_missing=NO_OP), "padded_bmm", None),
     ("padded_bmm", dict(n_tokens=0, n_routed=0), "padded_bmm", None),
     # grouped_mm: runs where grouped_mm takes the operands, else the loop (on any device)
     ("grouped_mm", dict(), "grouped_mm", None),
@@ -42,8 +43,8 @@ TABLE = [
     ("grouped_mm", dict(device_type="cuda", dtype=bf16), "grouped_mm", None),
     ("grouped_mm", dict(device_type="cuda", dtype=fp16), "loop", "bfloat16"),
     ("grouped_mm", dict(device_type="cuda", dtype=fp32), "loop", "bfloat16"),
-    ("grouped_mm", dict(grouped_mm_available=False), "loop", "no grouped_mm"),
-    ("grouped_mm", dict(device_type="cuda", dtype=bf16, grouped_mm_available=False), "loop", "no grouped_mm"),
+    ("grouped_mm", dict(grouped_mm_missing=NO_OP), "loop", "no grouped_mm"),
+    ("grouped_mm", dict(device_type="cuda", dtype=bf16, grouped_mm_missing=NO_OP), "loop", "no grouped_mm"),
     ("grouped_mm", dict(hidden=34), "loop", "16-byte"),                                # 136-byte rows
     ("grouped_mm", dict(inner=6), "loop", "16-byte"),                                  # 24-byte rows
     ("grouped_mm", dict(dtype=bf16, hidden=36), "loop", "16-byte"),                    # 72 bytes in bf16...
@@ -57,10 +58,10 @@ TABLE = [
     ("fused", dict(device_type="mps"), "fused", None),                                 # the dtype rule is CUDA's
     ("fused", dict(device_type="cuda", dtype=fp16), "padded_bmm", "bfloat16"),
     ("fused", dict(device_type="cuda", dtype=fp32), "padded_bmm", "bfloat16"),         # e.g. fp32 under autocast
-    ("fused", dict(device_type="cuda", dtype=bf16, grouped_mm_available=False), "padded_bmm", "no grouped_mm"),
+    ("fused", dict(device_type="cuda", dtype=bf16, grouped_mm_missing=NO_OP), "padded_bmm", "no grouped_mm"),
     ("fused", dict(device_type="cuda", dtype=bf16, hidden=36), "padded_bmm", "16-byte"),
     ("fused", dict(device_type="cuda", dtype=bf16, n_tokens=0, n_routed=0), "padded_bmm", "no routed rows"),
-    ("fused", dict(grouped_mm_available=False), "loop", "no grouped_mm"),
+    ("fused", dict(grouped_mm_missing=NO_OP), "loop", "no grouped_mm"),
     ("fused", dict(dtype=bf16, inner=12), "loop", "16-byte"),
     ("fused", dict(n_tokens=0, n_routed=0), "loop", "no routed rows"),
     ("fused", dict(device_type="mps", hidden=34), "loop", "16-byte"),
@@ -145,3 +146,38 @@ def test_substitution_is_logged_once_logging_is_on(monkeypatch, caplog):
         m(*_inputs(8))
         m(*_inputs(8))
     assert len(caplog.records) == 1 and "runs as 'loop'" in caplog.records[0].getMessage()
+
+
+def test_grouped_mm_without_a_kernel_for_the_device_runs_the_loop(monkeypatch, caplog):
+    """torch 2.8–2.10 have ``_grouped_mm`` for CUDA only: the op exists but raises on the CPU. The probe
+    finds that once per device and dtype, the grouped requests run the loop (same result) and say why."""
+    calls = []
+
+    def no_cpu_kernel(*args, **kw):
+        calls.append(1)
+        raise NotImplementedError("Could not run 'aten::_grouped_mm' with arguments from the 'CPU' backend.")
+
+    monkeypatch.setattr(ex, "grouped_mm", no_cpu_kernel)
+    monkeypatch.setattr(ex, "_probed", {})
+    monkeypatch.setattr(kc, "_logged", set())
+    why = ex.grouped_mm_missing(torch.device("cpu"), fp32)
+    assert why.startswith("this torch's grouped_mm does not run on cpu in float32") and "'CPU' backend" in why
+    assert ex.grouped_mm_missing(torch.device("cpu"), fp32) == why and calls == [1]       # probed once
+    x, idx, gates = _inputs(8)
+    ref = _experts("loop")
+    for impl in ("fused", "grouped_mm"):
+        m = _experts(impl)
+        m.load_state_dict(ref.state_dict())
+        with caplog.at_level(logging.INFO, logger="moelab.model.experts"):
+            torch.testing.assert_close(m(x, idx, gates), ref(x, idx, gates), atol=1e-6, rtol=1e-6)
+    assert calls == [1]
+    assert any("runs as 'loop': this torch's grouped_mm does not run on cpu" in r.getMessage() for r in caplog.records)
+
+
+def test_grouped_mm_probe_on_this_torch():
+    """Here (torch with a CPU grouped_mm: 2.11+) the probe finds it; without the op it says so."""
+    if ex.grouped_mm is None:
+        assert ex.grouped_mm_missing(torch.device("cpu"), fp32) == NO_OP
+    elif torch.__version__ >= (2, 11):
+        assert ex.grouped_mm_missing(torch.device("cpu"), fp32) is None
+        assert ex.grouped_mm_missing(torch.device("cpu"), bf16) is None

@@ -63,7 +63,11 @@ def test_every_kernel_forward_and_backward_in_both_precisions(tiny_config, cpu_a
     got = torch.autograd.grad(y.float(), (x, gates, m.gate_up_proj, m.down_proj), g)
     # master weights keep their dtype, and so do their gradients
     assert [t.dtype for t in got] == [x.dtype, torch.float32, m.gate_up_proj.dtype, m.down_proj.dtype]
-    assert substituted == [], f"{impl} ran as {substituted}"     # bf16 operands: the requested kernel runs
+    missing = experts_mod.grouped_mm_missing(device, torch.bfloat16)   # torch 2.8-2.10: no CPU grouped_mm
+    if missing is None or impl in ("loop", "padded_bmm"):
+        assert substituted == [], f"{impl} ran as {substituted}"  # bf16 operands: the requested kernel runs
+    else:
+        assert substituted and all(c.reason == missing for c in substituted), substituted
 
     ops = [t.detach().to(torch.bfloat16).double().requires_grad_() for t in (x, m.gate_up_proj, m.down_proj)]
     gd = gates.detach().double().requires_grad_()

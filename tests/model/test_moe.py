@@ -149,6 +149,12 @@ def test_expert_kernels_match_per_token_loop_with_gradients(impl):
 @pytest.mark.parametrize("op", ["private", "missing"])
 @pytest.mark.parametrize("impl", ["grouped_mm", "fused"])
 def test_grouped_kernels_on_torch_with_only_the_private_op_or_none(monkeypatch, impl, op):
+    from moelab.model import experts as ex
+
+    if op == "private" and (not hasattr(torch, "_grouped_mm") or ex.grouped_mm_missing(torch.device("cpu"),
+                                                                                      torch.float32)):
+        pytest.skip("this torch's _grouped_mm does not run on the CPU (torch 2.8-2.10: CUDA only)")
+    monkeypatch.setattr(ex, "_probed", {})
     calls = []
 
     def private(*args, **kw):

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moelab.model.experts import RoutedExperts, autocast_dtype, dispatch, grouped_mm, permute, unpermute
+from moelab.model.experts import (RoutedExperts, autocast_dtype, dispatch, grouped_mm, grouped_mm_missing, permute,
+                                  unpermute)
 from moelab.model.kernel_choice import choose_kernel
 from moelab.model.moe import DeepSeekMoE
 
@@ -103,7 +104,8 @@ class ExpertParallelExperts(RoutedExperts):
         requested = "grouped_mm" if self.impl != "loop" else "loop"
         choice = choose_kernel(requested, device_type=x_rows.device.type, dtype=dt, grad_enabled=True,
                                n_tokens=x_rows.shape[0], n_routed=x_rows.shape[0], n_experts=self.n_local,
-                               hidden=x_rows.shape[1], inner=self.inner, grouped_mm_available=grouped_mm is not None)
+                               hidden=x_rows.shape[1], inner=self.inner,
+                               grouped_mm_missing=grouped_mm_missing(x_rows.device, dt))
         if choice.kernel == "grouped_mm":
             return self._grouped(x_rows, counts)
         return self._loop(x_rows, counts, every_expert=True)

@@ -69,6 +69,31 @@ class Plan:
 # torch.nn.functional.grouped_mm (recent torch), else the private op it wraps (torch._grouped_mm); older
 # torch has neither, and the grouped kernels then fall back to the loop / padded bmm (choose_kernel).
 grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_probed: dict[tuple[str, int | None, torch.dtype], str | None] = {}
+
+
+@torch.compiler.assume_constant_result
+def grouped_mm_missing(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why this torch's ``grouped_mm`` cannot run on ``device`` (None when it can): absent, or without a
+    kernel there (torch 2.8–2.10 have the op for CUDA only; older GPUs may lack one). Probed once per device
+    and dtype (bf16 on CUDA, the only dtype it takes there) with a two-group product; compiled code sees
+    the answer as a constant, and a probe wanted while a CUDA graph is being captured is put off."""
+    if grouped_mm is None:
+        return "this torch has no grouped_mm"
+    dtype = torch.bfloat16 if device.type == "cuda" else dtype
+    key = (device.type, device.index, dtype)
+    if key not in _probed:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        try:
+            a = torch.zeros(32, 16, dtype=dtype, device=device)
+            b = torch.zeros(2, 16, 16, dtype=dtype, device=device)
+            grouped_mm(a, b.transpose(1, 2), offs=torch.tensor([16, 32], dtype=torch.int32, device=device))
+            _probed[key] = None
+        except (NotImplementedError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            _probed[key] = f"this torch's grouped_mm does not run on {device.type} in {str(dtype)[6:]} ({first})"
+    return _probed[key]
 
 # Row alignment of each expert's group for bf16/fp16 grouped GEMMs on the CPU. oneDNN builds (JIT) a
 # kernel per GEMM shape; the per-expert row counts change every step, so unaligned groups keep
@@ -196,7 +221,7 @@ class RoutedExperts(nn.Module):
         choice = choose_kernel(self.impl, device_type=x.device.type, dtype=dt,
                                grad_enabled=torch.is_grad_enabled(), n_tokens=x.shape[0], n_routed=indices.numel(),
                                n_experts=self.n_experts, hidden=x.shape[1], inner=self.inner,
-                               grouped_mm_available=grouped_mm is not None)
+                               grouped_mm_missing=grouped_mm_missing(x.device, dt))
         if choice.reason is not None:
             log_choice(self.impl, choice)
         kernel = choice.kernel

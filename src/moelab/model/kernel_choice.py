@@ -28,11 +28,12 @@ class KernelChoice(NamedTuple):
 
 def choose_kernel(requested: str, *, device_type: str, dtype: torch.dtype, grad_enabled: bool, n_tokens: int,
                   n_routed: int, n_experts: int, hidden: int, inner: int,
-                  grouped_mm_available: bool) -> KernelChoice:
+                  grouped_mm_missing: str | None) -> KernelChoice:
     """Which kernel computes the routed experts of one forward (a pure function of its arguments):
     requested ``expert_impl``; device type and the dtype the experts compute in (the autocast dtype
     under autocast, else that of the input x ``[N, H]``); n_tokens N; n_routed ``N·K``; hidden H; inner I
-    (the expert width); grouped_mm_available: this torch has ``grouped_mm``.
+    (the expert width); grouped_mm_missing: why this torch's ``grouped_mm`` cannot run on the device at all
+    (absent, or without a kernel there: torch 2.8–2.10 have none for the CPU), None when it can.
 
     * Without autograd and with fewer routed rows than experts (``N·K < E``, a decode step), every
       request runs ``few_tokens``: a gather of the chosen experts' weights beats visiting all E.
@@ -48,7 +49,7 @@ def choose_kernel(requested: str, *, device_type: str, dtype: torch.dtype, grad_
         return KernelChoice(requested, None)
     # fused hands x [N, H] to grouped_mm, grouped_mm the slots [S, H] (S > 0 exactly when N·K > 0)
     rows = n_tokens if requested == "fused" else n_routed
-    refusal = _grouped_mm_refusal(device_type, dtype, rows, hidden, inner, grouped_mm_available)
+    refusal = _grouped_mm_refusal(device_type, dtype, rows, hidden, inner, grouped_mm_missing)
     if refusal is None:
         return KernelChoice(requested, None)
     if requested == "fused" and device_type == "cuda":
@@ -57,11 +58,11 @@ def choose_kernel(requested: str, *, device_type: str, dtype: torch.dtype, grad_
 
 
 def _grouped_mm_refusal(device_type: str, dtype: torch.dtype, rows: int, hidden: int, inner: int,
-                        available: bool) -> str | None:
+                        missing: str | None) -> str | None:
     """Why ``grouped_mm`` would not take operands ``[rows, hidden]`` (and width ``inner``) of ``dtype``,
     or None if it would: row strides must be multiples of 16 bytes, and on CUDA only bf16 is supported."""
-    if not available:
-        return "this torch has no grouped_mm"
+    if missing is not None:
+        return missing
     if device_type == "cuda" and dtype != torch.bfloat16:
         return f"grouped_mm takes only bfloat16 on CUDA, not {str(dtype).removeprefix('torch.')}"
     if rows <= 0:
