@@ -15,9 +15,12 @@
 #   tests             pytest -m cuda (the GPU tests; MOELAB_TEST_DEVICE=cpu when DEVICE=cpu)     150 s
 #   moe_layer_v2lite  one MoE layer fwd+bwd at V2-Lite's shape, bf16 and fp32-master autocast     90 s
 #   moe_layer_v3      the same at V3's shape, bf16                                                70 s
-#   train_step        4-layer V2-Lite, batch 4 x 2048, fused AdamW: autocast (a) and bf16 (b)    120 s
-#   decode            V2-Lite decoding (benchmarks/decode.py --shapes v2lite)                    120 s
-#                     (or what is left of the deadline; decode.py gets that, less 20 s, as --budget)
+#   train_step        4-layer V2-Lite, batch 4 x 2048, fused AdamW: autocast (a) and bf16 (b)    140 s
+#   decode            V2-Lite decoding, eager and CUDA-graph steps (decode.py --shapes v2lite)   100 s
+#   nccl_smoke        a one-process NCCL group, a collective and training steps                  40 s
+#   decode_compile    the same cases with torch.compile'd steps (cold inductor/Triton compiles:
+#                     last, so a slow compile costs no other number)                             what is left
+#                     (decode.py gets its step's time, less 20 s, as --budget)
 # $OUT/summary.md lists each step's exit status (124: timed out) and collects the TARGET and RESULT lines.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -51,13 +54,14 @@ if [[ "$DEVICE" == cpu ]]; then
     MOE_V2=(--shapes v2lite --tokens 256 --scale-down 16 --dtypes bfloat16 --autocast --reps 2)
     MOE_V3=(--shapes v3 --tokens 128 --scale-down 32 --dtypes bfloat16 --reps 2)
     TRAIN=(--configs v2lite-4l --scale-down 16 --batch 1 --seq-len 64 --modes autocast bf16 --reps 2 --warmup 1)
-    DECODE=(--shapes tiny)
-    grep -q -- '"--cases"' benchmarks/decode.py && DECODE+=(--cases 1x128 --new 8 --reps 1)
+    DECODE=(--shapes tiny --cases 1x128 --new 8 --reps 1 --modes dynamic static)
+    COMPILE=(--shapes tiny --cases 1x128 --new 8 --reps 1 --modes static compile --compile-margin 0)
 else
     MOE_V2=(--shapes v2lite --dtypes bfloat16 --autocast --reps 10)
     MOE_V3=(--shapes v3 --dtypes bfloat16 --reps 10)
     TRAIN=(--configs v2lite-4l --modes autocast bf16 --reps 8 --warmup 3)
-    DECODE=(--shapes v2lite)
+    DECODE=(--shapes v2lite --modes dynamic static graph)
+    COMPILE=(--shapes v2lite --modes graph compile --compile-margin 0)
 fi
 STATUS="$OUT/.status"
 : > "$STATUS"
@@ -94,14 +98,16 @@ PY
 step tests 150 "$PY" -m pytest -q -m cuda tests -p no:cacheprovider
 step moe_layer_v2lite 90 "$PY" benchmarks/moe_layer.py --device "$DEVICE" "${MOE_V2[@]}"
 step moe_layer_v3 70 "$PY" benchmarks/moe_layer.py --device "$DEVICE" "${MOE_V3[@]}"
-step train_step 120 "$PY" benchmarks/train_step.py --device "$DEVICE" "${TRAIN[@]}"
-# decode.py plans its cases within --budget seconds (where it has that option): the time left, less a margin
-left=$((DEADLINE - (SECONDS - START)))
-(( left > 120 * SLOW )) && left=$((120 * SLOW))
-grep -q -- '"--budget"' benchmarks/decode.py && DECODE+=(--budget $((left > 40 ? left - 20 : 20)))
-step decode 120 "$PY" benchmarks/decode.py --device "$DEVICE" "${DECODE[@]}"
+step train_step 140 "$PY" benchmarks/train_step.py --device "$DEVICE" "${TRAIN[@]}"
+budget() {  # decode.py plans its cases within --budget seconds: its step's limit (or what is left), less 20 s
+    local left=$((DEADLINE - (SECONDS - START))) cap=$(($1 * SLOW))
+    (( left > cap )) && left=$cap
+    echo $((left > 40 ? left - 20 : 20))
+}
+step decode 100 "$PY" benchmarks/decode.py --device "$DEVICE" "${DECODE[@]}" --budget "$(budget 100)"
 # issue 15: a one-process NCCL smoke run (one-rank group + a collective + training steps; gloo with DEVICE=cpu)
 step nccl_smoke 40 "$PY" benchmarks/scaling.py --device "$DEVICE" --meshes 1x1 --steps 3
+step decode_compile 600 "$PY" benchmarks/decode.py --device "$DEVICE" "${COMPILE[@]}" --budget "$(budget 600)"
 
 {
     echo "# GPU run (issue 14): DEVICE=$DEVICE, $(date -u '+%Y-%m-%d %H:%M UTC'), $((SECONDS - START)) s"
@@ -111,7 +117,7 @@ step nccl_smoke 40 "$PY" benchmarks/scaling.py --device "$DEVICE" --meshes 1x1 -
     echo "| step | exit (124/137: timed out) | seconds |"
     echo "|---|---|---|"
     cat "$STATUS"
-    for name in tests moe_layer_v2lite moe_layer_v3 train_step decode nccl_smoke; do
+    for name in tests moe_layer_v2lite moe_layer_v3 train_step decode nccl_smoke decode_compile; do
         [[ -f "$OUT/$name.txt" ]] || continue
         echo
         echo "## $name"

@@ -16,8 +16,8 @@ Shapes (E routed experts top-K + S shared, hidden H, expert width I, N tokens):
 
 ``--tokens`` and ``--scale-down D`` (H and I divided by D) make the GPU shapes small enough for a CPU
 dry run (routing unchanged). The peer gets the *same* weight tensors (shared, not copied: V3's experts
-are 11.3 GB in bf16). The limit is a dense SwiGLU of the active width (K + S)·I: the same active FLOPs
-with no routing and full-size GEMMs, a bound no MoE layer can beat.
+are 11.3G parameters, 22.5 GB in bf16, as much again in gradients). The limit is a dense SwiGLU of the
+active width (K + S)·I: the same active FLOPs with no routing and full-size GEMMs, a bound no MoE layer can beat.
 
 FLOPs of one forward + backward (the router's are not counted)::
 

@@ -18,8 +18,9 @@ compute the same function (the first-step losses are printed side by side). A st
 tokens through forward, cross-entropy (fp32 logits), backward and ``torch.optim.AdamW(fused=True)``.
 Modes (``--modes``): ``float32``; ``autocast`` = bf16 autocast with fp32 master weights (issue 14,
 mode a); ``bf16`` = bf16 weights, no autocast (mode b). Each model runs in its own process (its own
-allocator settings, ``--host-memory``); median of ``--reps`` steps after ``--warmup`` untimed ones, the
-models' steps interleaved one at a time. A third model, the *dense limit* (:func:`dense_limit`: every
+allocator settings, ``--host-memory``); median of ``--reps`` steps after ``--warmup`` untimed ones. On the
+CPU the models' steps interleave one at a time; on a GPU (or ``--turns``) the models take turns, each alone
+on the device. A third model, the *dense limit* (:func:`dense_limit`: every
 MoE layer a dense SwiGLU of the active width) bounds what any MoE implementation can reach. A model
 that fails in a mode gets its error in the table, and the run goes on.
 
@@ -39,6 +40,7 @@ the issue's baseline MFU figures did) gives a higher figure; the table prints th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import multiprocessing as mp
 import statistics
@@ -56,9 +58,8 @@ from moelab.train.host_memory import keep_freed_host_memory
 
 CONFIGS = {   # name: (TOML, overrides, default batch, default seq_len)
     "tiny": ("configs/tiny.toml", {}, 8, 256),
-    # ~100M total parameters: 8 layers, hidden 512, 32 experts of width 256 (top-4) + 1 shared; attention
-    # back to the library default "auto" (tiny.toml picks "absorb", which only pays at its d_c = qk_nope;
-    # here d_c = 2·qk_nope and absorbed training attention costs ~1.8x the FLOPs: measured 7% slower step)
+    # ~100M parameters: 8 layers, hidden 512, 32 experts of width 256 top-4 + 1 shared; attention "auto", not
+    # tiny.toml's "absorb" (at d_c = 2·qk_nope absorbed training attention costs ~1.8x: a 7% slower step)
     "100m": ("configs/tiny.toml", dict(attn_impl="auto", vocab_size=8192, hidden_size=512, intermediate_size=1536,
                                        num_hidden_layers=8, num_attention_heads=8, n_routed_experts=32,
                                        num_experts_per_tok=4, moe_intermediate_size=256, n_group=4, topk_group=2,
@@ -87,9 +88,8 @@ def scale_down(cfg: ModelConfig, d: int) -> ModelConfig:
 
 
 def dense_limit(cfg):
-    """The same model with every MoE layer replaced by a dense SwiGLU of the MoE layers' active width
-    ``(top-k + shared)·moe_intermediate_size`` (the dense first layers take that width too): a bound no
-    MoE implementation can beat, since it does the active FLOPs with no routing and full-size GEMMs."""
+    """Every MoE layer (and dense first layer) a dense SwiGLU of width ``(top-k + shared)·moe_intermediate_size``:
+    a bound no MoE implementation beats — the active FLOPs with no routing and full-size GEMMs."""
     width = (cfg.num_experts_per_tok + cfg.n_shared_experts) * cfg.moe_intermediate_size
     return cfg.model_copy(update=dict(first_k_dense_replace=cfg.num_hidden_layers, intermediate_size=width))
 
@@ -125,8 +125,7 @@ def build(kind: str, cfg: ModelConfig, device: str):
 
 
 def make_step(model, ids, mode: str, kwargs: dict):
-    """One training step of ``model`` (forward, cross-entropy, backward, AdamW) as a closure returning
-    the loss; on CUDA it waits for the device, so wall-clock timing is right."""
+    """A training step (forward, cross-entropy, backward, AdamW) as a closure returning the loss (synchronised)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     x, y = ids[:, :-1], ids[:, 1:]
     kind = ids.device.type
@@ -275,6 +274,30 @@ def report(name: str, mode: str, res: dict, n_params: float, tokens: int, fpt: f
     return summary, targets
 
 
+def start_workers(kinds: list[str], cfg: ModelConfig, ids: torch.Tensor, args) -> tuple[dict, list]:
+    """A worker process per model kind; returns their pipes and processes."""
+    ctx = mp.get_context("spawn")
+    conns, procs = {}, []
+    for kind in kinds:
+        here, there = ctx.Pipe()
+        p = ctx.Process(target=_worker, args=(there, kind, cfg.model_dump_json(), ids, args.threads,
+                                              KEEP[args.host_memory][kind], args.device, args.compile), daemon=True)
+        p.start()
+        there.close()   # the child holds its end: if it dies, recv() here raises EOFError, no hang
+        conns[kind] = here
+        procs.append(p)
+    return conns, procs
+
+
+def stop_workers(conns: dict, procs: list) -> None:
+    for c, p in zip(conns.values(), procs, strict=True):
+        with contextlib.suppress(OSError):          # that worker is gone already (its error is on stderr)
+            c.send(None)
+        p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
+
+
 def run_config(name: str, cfg: ModelConfig, batch: int, seq_len: int, modes: list[str], peak: float | None,
                args) -> tuple[dict[str, float], list[str]]:
     """One model config: the three workers, a table row per mode; returns RESULT entries and TARGET lines."""
@@ -289,45 +312,37 @@ def run_config(name: str, cfg: ModelConfig, batch: int, seq_len: int, modes: lis
     print("| config | params | mode | moelab tokens/s | moelab MFU | transformers tokens/s | transformers MFU "
           "| ratio | dense-limit tokens/s | ratio bound (dense limit vs transformers) | first loss moelab / hf |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    ctx = mp.get_context("spawn")
-    conns, procs = {}, []
-    for kind in KINDS:
-        here, there = ctx.Pipe()
-        p = ctx.Process(target=_worker, args=(there, kind, cfg.model_dump_json(), ids, args.threads,
-                                              KEEP[args.host_memory][kind], args.device, args.compile), daemon=True)
-        p.start()
-        there.close()   # the child holds its end: if it dies, recv() here raises EOFError, no hang
-        conns[kind] = here
-        procs.append(p)
-    summary: dict[str, float] = {}
-    targets: list[str] = []
-    try:
-        failed = {}
-        n_params = float("nan")
-        for kind, c in conns.items():
-            try:
-                built = c.recv()
-            except EOFError:
-                built = ("error", "worker process died while building (see stderr)")
-            if built[0] != "ok":
-                failed[kind] = built[1]
-            elif kind != "dense" and n_params != n_params:
-                n_params = built[1]
-        for mode in modes:
-            res = failed | step_times({k: c for k, c in conns.items() if k not in failed}, mode, args.reps,
-                                      args.warmup)
-            s, t = report(name, mode, res, n_params, tokens, fpt, peak)
-            summary |= s
-            targets += t
-    finally:
-        for c, p in zip(conns.values(), procs, strict=True):
-            try:
-                c.send(None)
-            except OSError:          # that worker is gone already (its error is on stderr)
-                pass
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
+    # On a GPU the models take turns: each worker lives alone on the device (three at once would hold ~2x
+    # the 4-layer V2-Lite's 35 GB of fp32 weights, gradients and AdamW moments each); on the CPU they run
+    # side by side, their steps interleaved, so drift on a shared machine hits every model alike.
+    groups = [[k] for k in KINDS] if args.device.startswith("cuda") or args.turns else [list(KINDS)]
+    res: dict[str, dict] = {mode: {} for mode in modes}
+    n_params = float("nan")
+    for group in groups:
+        conns, procs = start_workers(group, cfg, ids, args)
+        try:
+            live = {}
+            for kind, c in conns.items():
+                try:
+                    built = c.recv()
+                except EOFError:
+                    built = ("error", "worker process died while building (see stderr)")
+                if built[0] != "ok":
+                    for mode in modes:
+                        res[mode][kind] = built[1]
+                    continue
+                live[kind] = c
+                if kind != "dense" and n_params != n_params:
+                    n_params = built[1]
+            for mode in modes:
+                res[mode] |= step_times(live, mode, args.reps, args.warmup)
+        finally:
+            stop_workers(conns, procs)
+    summary, targets = {}, []
+    for mode in modes:
+        s, t = report(name, mode, res[mode], n_params, tokens, fpt, peak)
+        summary |= s
+        targets += t
     return summary, targets
 
 
@@ -343,6 +358,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps per model first (kernel caches fill)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--turns", action="store_true", help="models take turns, one process at a time (CUDA: always)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU runs: benchmarks/gpu.sh)")
     ap.add_argument("--peak-flops", type=float, help=f"peak for MFU (default on CUDA: {PEAK:.3g}; none on CPU)")
     ap.add_argument("--host-memory", choices=list(KEEP), default="shipped",

@@ -171,3 +171,35 @@ def test_gate_helpers_equal_the_fp32_round_trip_bitwise():
     assert torch.equal(expert_ops.gated(a.clone(), gate, inplace=True), want)
     assert torch.equal(expert_ops.rowdot(a, b), (a.float() * b.float()).sum(1))
     assert expert_ops.rowdot(a, b).dtype == torch.float32
+
+
+def test_expert_counts_equal_bincount(cpu_and_gpu):
+    """The routed rows per expert without bincount's host sync: equal to bincount, idle experts 0."""
+    device = cpu_and_gpu
+    for shape in [(40, 4), (1, 1), (0, 4), (7, 3, 2)]:
+        ids = torch.randint(0, 16, shape, device=device)
+        ids[ids == 5] = 6                                   # an idle expert in the middle
+        got = expert_ops.expert_counts(ids, 16)
+        assert got.dtype == torch.int64 and got.device.type == device.type
+        assert torch.equal(got.cpu(), torch.bincount(ids.reshape(-1).cpu(), minlength=16))
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_a_many_token_decode_step_of_the_experts_never_syncs(gpu):
+    """At batch 32 a V2-Lite decode step routes N·K ≥ E rows: the fused kernel (permute, grouped GEMMs,
+    combine) must not wait for the host, or no CUDA graph can hold the step (decode --decode graph)."""
+    experts = RoutedExperts(make_config(BASE | {"expert_impl": "fused"})).to(gpu, torch.bfloat16)
+    experts.reset_parameters(0.3)
+    x = torch.randn(32, 32, device=gpu, dtype=torch.bfloat16)
+    idx = torch.stack([torch.randperm(16)[:4] for _ in range(32)]).to(gpu)
+    gates = torch.rand(32, 4, device=gpu)
+    ref = experts(x, idx, gates)                            # first call: the grouped_mm probe may sync
+    if gpu.type == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = experts(x, idx, gates)
+    finally:
+        if gpu.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(y, ref)

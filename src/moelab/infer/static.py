@@ -175,8 +175,10 @@ class StaticDecoder:
                         torch.cuda.set_sync_debug_mode("error")
                     self._step()
                     restore()
-        except RuntimeError as e:
-            self.not_graphed = f"an op in the step synchronises with the host ({str(e).splitlines()[0]})"
+        except RuntimeError as e:      # also dynamo's errors, out of memory, ...: say which
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            self.not_graphed = (f"an op in the step synchronises with the host ({first})" if "synchroniz" in first
+                                else f"the warm-up step failed ({type(e).__name__}: {first})")
         finally:
             torch.cuda.set_sync_debug_mode(before)
         torch.cuda.current_stream().wait_stream(stream)

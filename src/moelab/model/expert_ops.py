@@ -7,6 +7,7 @@ Legend as there: N tokens, K experts per token, S slots, M = N·K routed rows, H
   every output row is written once, by one reduction in a fixed order: no atomics, bitwise
   reproducible, where ``index_add_`` (the old combine) adds with atomics on CUDA in whatever order the
   threads arrive.
+* Routed rows per expert: :func:`expert_counts` (``bincount`` without its host sync on CUDA).
 * The fp32 gate: :func:`gated` (``a·gate`` row-wise) and :func:`rowdot` (its gradient), without fp32
   copies of the ``[M, ·]`` activations.
 * The gated SwiGLU activation of the fused kernel (:func:`act_forward`, :func:`act_backward`, eager or
@@ -25,6 +26,15 @@ import torch.nn.functional as F
 #: memory-bound kernels (3× the traffic of one pass, no atomics), while embedding_bag's kernel loads one
 #: scalar per thread per slot: CUDA keeps the former until a GPU measurement says otherwise.
 GATHER_SUM_DEVICES = ("cuda",)
+
+
+def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Routed rows per expert ``[E]`` int64 for expert ids ``[...]`` in ``[0, E)``: ``bincount`` with
+    ``minlength=E``, as an integer ``scatter_add_`` — on CUDA ``bincount`` reads the ids' max back to the
+    host (a sync per MoE layer, and no CUDA graph around a step); integer sums are exact in any order."""
+    flat = indices.reshape(-1)
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device)
+    return counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.long))
 
 
 def gather_rows(x: torch.Tensor, token: torch.Tensor, padded: bool = False) -> torch.Tensor:

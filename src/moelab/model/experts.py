@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import ModelConfig
-from moelab.model.expert_ops import PaddedSwiGLU, elementwise, gated, gather_rows, rowdot, sum_slots
+from moelab.model.expert_ops import PaddedSwiGLU, elementwise, expert_counts, gated, gather_rows, rowdot, sum_slots
 from moelab.model.kernel_choice import KERNELS, KernelChoice, choose_kernel, log_choice  # noqa: F401 (re-exported)
 
 
@@ -116,7 +116,7 @@ def permute(indices: torch.Tensor, gates: torch.Tensor, n_experts: int, padded: 
     N, K = indices.shape
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)                                    # [M]
-    counts = torch.bincount(flat, minlength=n_experts)
+    counts = expert_counts(flat, n_experts)
     token, gate = order // K, gates.reshape(-1)[order].to(torch.float32)
     slot = torch.arange(flat.numel(), device=flat.device)                       # [M] slot of sorted pair j
     if not padded and align <= 1:

@@ -94,6 +94,7 @@ class DeepSeekModel(nn.Module):
         fills image positions with image features)."""
         B, T = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
         device = (input_ids if inputs_embeds is None else inputs_embeds).device
+        attention_mask = attention_mask.to(device) if attention_mask is not None else None
         past = cache.seq_len if cache is not None else 0
         if position_ids is None:
             if attention_mask is not None:  # left padding: count real tokens only
@@ -172,23 +173,24 @@ class DeepSeekForCausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        gen_state = torch.random.get_rng_state()
-        if seed is not None:
-            torch.manual_seed(seed)
-        std = self.config.initializer_range
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=std)
-            elif isinstance(m, RoutedExperts | Router):     # stacked expert weights, router weight: drawn
-                m.reset_parameters(std)
-            elif isinstance(m, RMSNorm | RotaryEmbedding):  # ones, and RoPE tables: nothing to draw
-                m.reset_parameters()
-        if seed is not None:
-            torch.random.set_rng_state(gen_state)
+        """Draw every weight; with ``seed``, from that seed, leaving the global random state (CPU and the
+        model's GPUs: ``manual_seed`` reseeds both) as it was."""
+        gpus = sorted({p.device.index or 0 for p in self.parameters() if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=gpus, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            std = self.config.initializer_range
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=std)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.Embedding):
+                    nn.init.normal_(m.weight, std=std)
+                elif isinstance(m, RoutedExperts | Router):     # stacked expert weights, router weight: drawn
+                    m.reset_parameters(std)
+                elif isinstance(m, RMSNorm | RotaryEmbedding):  # ones, and RoPE tables: nothing to draw
+                    m.reset_parameters()
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (RoPE tables) after loading into an empty model."""

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from moelab.errors import ConfigError
+from moelab.model.expert_ops import expert_counts
 from moelab.model.moe import DeepSeekMoE
 from moelab.model.router import Routing
 from moelab.train.config import BalanceConfig
@@ -45,7 +46,7 @@ def load_fractions(indices: torch.Tensor, n_experts: int, dtype: torch.dtype,
     """``f_i = E/(K·N)·Σ_t 1[t→i]`` ``[E]`` for indices ``[N, K]`` (no gradient). ``across_ranks``: counts
     and N summed over every rank of a torchrun job (the global batch; one all-reduce)."""
     N, K = indices.shape
-    counts = torch.bincount(indices.reshape(-1), minlength=n_experts).to(torch.float64)
+    counts = expert_counts(indices, n_experts).to(torch.float64)
     if across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         counts = torch.cat([counts, counts.new_tensor([N])])
         dist.all_reduce(counts)
@@ -125,7 +126,7 @@ class Balancer:
             return
         if module.training or self._measuring:
             with torch.no_grad():   # counted where the routing is: no host sync per layer on a GPU
-                counts = torch.bincount(r.indices.reshape(-1), minlength=self.n_experts)
+                counts = expert_counts(r.indices, self.n_experts)
                 target = self.counts if module.training else self.eval_counts
                 if target.device != counts.device:
                     target = self._move_counts(counts.device, module.training)
