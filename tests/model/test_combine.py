@@ -203,3 +203,23 @@ def test_a_many_token_decode_step_of_the_experts_never_syncs(gpu):
         if gpu.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(y, ref)
+
+
+@torch.no_grad()
+def test_a_many_token_expert_step_traces_as_one_graph(monkeypatch):
+    """The CPU stand-in for the test above: the bf16 fused path as CUDA runs it (groups not aligned) traces
+    under dynamo as one graph — no ``.item()``, ``int(tensor)`` or data-dependent shape that would wait for
+    the device (``int(seg.sum())`` of the CPU's aligned groups is such a break, hence align 1 here)."""
+    from moelab.model import experts as ex
+
+    monkeypatch.setattr(ex, "LOWP_CPU_ALIGN", 1)
+    experts = RoutedExperts(make_config(BASE | {"expert_impl": "fused"})).to(torch.bfloat16)
+    experts.reset_parameters(0.3)
+    x = torch.randn(32, 32, dtype=torch.bfloat16)
+    idx = torch.stack([torch.randperm(16)[:4] for _ in range(32)])
+    gates = torch.rand(32, 4)
+    ref = experts(x, idx, gates)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(experts)(x, idx, gates)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch.testing.assert_close(torch.compile(experts, backend="eager")(x, idx, gates), ref, atol=0, rtol=0)
