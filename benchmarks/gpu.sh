@@ -13,11 +13,13 @@
 # after the start), each writing $OUT/<step>.txt, so a timeout still returns what finished:
 #   env               versions, GPU, nvidia-smi
 #   tests             pytest -m cuda (the GPU tests; MOELAB_TEST_DEVICE=cpu when DEVICE=cpu)     150 s
+#                     but those that compile (cold inductor compiles), run as tests_compile near the end
 #   moe_layer_v2lite  one MoE layer fwd+bwd at V2-Lite's shape, bf16 and fp32-master autocast     90 s
 #   moe_layer_v3      the same at V3's shape, bf16                                                70 s
 #   train_step        4-layer V2-Lite, batch 4 x 2048, fused AdamW: autocast (a) and bf16 (b)    140 s
 #   decode            V2-Lite decoding, eager and CUDA-graph steps (decode.py --shapes v2lite)   100 s
 #   nccl_smoke        a one-process NCCL group, a collective and training steps                  40 s
+#   tests_compile     pytest -m cuda -k compile                                                  90 s
 #   decode_compile    the same cases with torch.compile'd steps (cold inductor/Triton compiles:
 #                     last, so a slow compile costs no other number)                             what is left
 #                     (decode.py gets its step's time, less 20 s, as --budget)
@@ -95,7 +97,8 @@ PY
         timeout 20 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv
     fi
 } 2>&1 | tee "$OUT/env.txt"
-step tests 150 "$PY" -m pytest -q -m cuda tests -p no:cacheprovider
+# -v: each test's outcome is printed as it ends, so a step cut off by its limit still shows what ran
+step tests 150 "$PY" -m pytest -v -m cuda -k "not compile" -rfE tests -p no:cacheprovider
 step moe_layer_v2lite 90 "$PY" benchmarks/moe_layer.py --device "$DEVICE" "${MOE_V2[@]}"
 step moe_layer_v3 70 "$PY" benchmarks/moe_layer.py --device "$DEVICE" "${MOE_V3[@]}"
 step train_step 140 "$PY" benchmarks/train_step.py --device "$DEVICE" "${TRAIN[@]}"
@@ -107,6 +110,7 @@ budget() {  # decode.py plans its cases within --budget seconds: its step's limi
 step decode 100 "$PY" benchmarks/decode.py --device "$DEVICE" "${DECODE[@]}" --budget "$(budget 100)"
 # issue 15: a one-process NCCL smoke run (one-rank group + a collective + training steps; gloo with DEVICE=cpu)
 step nccl_smoke 40 "$PY" benchmarks/scaling.py --device "$DEVICE" --meshes 1x1 --steps 3
+step tests_compile 90 "$PY" -m pytest -v -m cuda -k compile -rfE tests -p no:cacheprovider
 step decode_compile 600 "$PY" benchmarks/decode.py --device "$DEVICE" "${COMPILE[@]}" --budget "$(budget 600)"
 
 {
@@ -117,15 +121,16 @@ step decode_compile 600 "$PY" benchmarks/decode.py --device "$DEVICE" "${COMPILE
     echo "| step | exit (124/137: timed out) | seconds |"
     echo "|---|---|---|"
     cat "$STATUS"
-    for name in tests moe_layer_v2lite moe_layer_v3 train_step decode nccl_smoke decode_compile; do
+    for name in tests moe_layer_v2lite moe_layer_v3 train_step decode nccl_smoke tests_compile decode_compile; do
         [[ -f "$OUT/$name.txt" ]] || continue
         echo
         echo "## $name"
         echo
         echo '```'
-        if [[ $name == tests ]]; then
+        if [[ $name == tests* ]]; then
             grep -E '^(FAILED|ERROR) |passed|failed|no tests ran' "$OUT/$name.txt" | tail -20 \
-                || echo "(no pytest summary: see $name.txt)"
+                || echo "(cut off: $(grep -c ' PASSED' "$OUT/$name.txt") passed, $(grep -cE ' (FAILED|ERROR)' \
+                        "$OUT/$name.txt") failed so far; see $name.txt)"
         else
             grep -E '^(TARGET|RESULT)|^ +1x1 ' "$OUT/$name.txt" || echo "(no RESULT line: see $name.txt)"
         fi
