@@ -223,3 +223,20 @@ def test_a_many_token_expert_step_traces_as_one_graph(monkeypatch):
     explained = torch._dynamo.explain(experts)(x, idx, gates)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     torch.testing.assert_close(torch.compile(experts, backend="eager")(x, idx, gates), ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_activation_backward_is_one_graph_and_equal(dtype):
+    """``fused+compile`` compiles the SwiGLU activation's backward: it must trace whole (an ``out=`` into a
+    column half broke it in two, leaving part of it eager) and give eager's gradients."""
+    M, I = 40, 8
+    h, gate, da = torch.randn(M, 2 * I, dtype=dtype), torch.rand(M), torch.randn(M, I, dtype=dtype)
+    ref = expert_ops.act_backward(h, gate, da.clone())
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(expert_ops.act_backward)(h, gate, da.clone())
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    got = torch.compile(expert_ops.act_backward, backend="eager")(h, gate, da.clone())
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    for a, b in zip(got, ref, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a.float(), b.float(), **tol)

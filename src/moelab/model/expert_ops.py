@@ -103,9 +103,12 @@ def act_backward(h: torch.Tensor, gate: torch.Tensor, da_g: torch.Tensor):
     a = silu * u
     d_gate = rowdot(da_g, a)
     da = gated(da_g, gate, inplace=True)
-    dh = torch.empty_like(h)
-    torch.ops.aten.silu_backward.grad_input(da * u, g, grad_input=dh[:, :I])   # d silu(g)/dg
-    torch.mul(da, silu, out=dh[:, I:])
+    if torch.compiler.is_compiling():   # dynamo cannot write out= into column halves: one cat, fused by inductor
+        dh = torch.cat((torch.ops.aten.silu_backward(da * u, g), da * silu), dim=1)
+    else:
+        dh = torch.empty_like(h)
+        torch.ops.aten.silu_backward.grad_input(da * u, g, grad_input=dh[:, :I])   # d silu(g)/dg
+        torch.mul(da, silu, out=dh[:, I:])
     return dh, d_gate, gated(a, gate, inplace=True)
 
 
