@@ -24,8 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moelab.model.experts import (RoutedExperts, autocast_dtype, dispatch, grouped_mm, grouped_mm_missing, permute,
-                                  unpermute)
+from moelab.model.experts import RoutedExperts, autocast_dtype, dispatch, grouped_mm_missing, permute, unpermute
 from moelab.model.kernel_choice import choose_kernel
 from moelab.model.moe import DeepSeekMoE
 
