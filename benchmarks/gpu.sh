@@ -19,6 +19,8 @@
 #   train_step        4-layer V2-Lite, batch 4 x 2048, fused AdamW: autocast (a) and bf16 (b)    140 s
 #   decode            V2-Lite decoding, eager and CUDA-graph steps (decode.py --shapes v2lite)   100 s
 #   nccl_smoke        a one-process NCCL group, a collective and training steps                  40 s
+#   train_step_compile  moelab alone with train.compile = "blocks" (whole blocks torch.compile'd;
+#                     cold compile in the warm-up steps), autocast and bf16                      120 s
 #   tests_compile     pytest -m cuda -k compile                                                  90 s
 #   decode_compile    the same cases with torch.compile'd steps (cold inductor/Triton compiles:
 #                     last, so a slow compile costs no other number)                             what is left
@@ -110,6 +112,8 @@ budget() {  # decode.py plans its cases within --budget seconds: its step's limi
 step decode 100 "$PY" benchmarks/decode.py --device "$DEVICE" "${DECODE[@]}" --budget "$(budget 100)"
 # issue 15: a one-process NCCL smoke run (one-rank group + a collective + training steps; gloo with DEVICE=cpu)
 step nccl_smoke 40 "$PY" benchmarks/scaling.py --device "$DEVICE" --meshes 1x1 --steps 3
+step train_step_compile 120 "$PY" benchmarks/train_step.py --device "$DEVICE" "${TRAIN[@]}" --kinds moelab \
+    --compile blocks
 step tests_compile 90 "$PY" -m pytest -v -m cuda -k compile -rfE tests -p no:cacheprovider
 step decode_compile 600 "$PY" benchmarks/decode.py --device "$DEVICE" "${COMPILE[@]}" --budget "$(budget 600)"
 
@@ -121,7 +125,8 @@ step decode_compile 600 "$PY" benchmarks/decode.py --device "$DEVICE" "${COMPILE
     echo "| step | exit (124/137: timed out) | seconds |"
     echo "|---|---|---|"
     cat "$STATUS"
-    for name in tests moe_layer_v2lite moe_layer_v3 train_step decode nccl_smoke tests_compile decode_compile; do
+    for name in tests moe_layer_v2lite moe_layer_v3 train_step decode nccl_smoke train_step_compile tests_compile \
+            decode_compile; do
         [[ -f "$OUT/$name.txt" ]] || continue
         echo
         echo "## $name"

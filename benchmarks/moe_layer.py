@@ -27,8 +27,11 @@ FLOPs of one forward + backward (the router's are not counted)::
 Precisions (``--dtypes``): ``float32`` / ``bfloat16`` weights and inputs, or ``autocast`` (also
 ``--autocast``): fp32 master weights and inputs under ``torch.autocast(bfloat16)``. Each variant is
 warmed up, then timed as the median of ``--reps`` (CUDA events on a GPU), the repetitions interleaved
-across variants. "first calls s" is the first forward plus the first forward + backward (for
-``fused+compile`` it holds the one-time compile). Activations = bytes of the distinct non-parameter
+across variants. moelab variants are kernels (``expert_impl``); ``fused+compile`` also compiles the
+fused kernel's activation math (``compile_experts``), ``fused+compile-layer`` runs the whole layer (router,
+gating, permutation, experts, combine, shared experts) through ``torch.compile``, as ``train.compile``
+does with whole blocks. "first calls s" is the first forward plus the first forward + backward (for the
+compiled variants it holds the one-time compile). Activations = bytes of the distinct non-parameter
 tensors autograd saves for backward. A variant that fails is listed with its error. Ends with
 ``TARGET`` lines (issue 14: >= 500 TFLOP/s, >= 1.6x transformers grouped_mm) and one ``RESULT`` line.
 """
@@ -50,8 +53,8 @@ from moelab.train.host_memory import keep_freed_host_memory
 
 V3_ROUTER = dict(scoring_func="sigmoid", topk_method="noaux_tc", n_group=1, topk_group=1, norm_topk_prob=True,
                  routed_scaling_factor=2.5)
-ALL_IMPLS = ("loop", "grouped_mm", "padded_bmm", "fused", "fused+compile")
-GPU_IMPLS = ("grouped_mm", "fused", "fused+compile")
+ALL_IMPLS = ("loop", "grouped_mm", "padded_bmm", "fused", "fused+compile", "fused+compile-layer")
+GPU_IMPLS = ("grouped_mm", "fused", "fused+compile", "fused+compile-layer")
 
 
 @dataclass(frozen=True)
@@ -166,8 +169,9 @@ class Variant:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.impl is not None:
-            self.module.experts.impl = self.impl.split("+")[0]
-            self.module.experts.compile = self.impl.endswith("+compile")
+            kernel, _, compiled = self.impl.partition("+")
+            self.module.experts.impl = kernel
+            self.module.experts.compile = compiled == "compile"
         return self.module(x)
 
 
@@ -235,8 +239,8 @@ def run(s: Shape, dt: str, reps: int, device: str, impls, peers) -> tuple[dict[s
     base = moelab_layer(s, device, dtype)
     variants: dict[str, Variant] = {"dense SwiGLU (limit)": Variant(_on_device(
         lambda: SwiGLU(s.hidden, (s.top_k + s.shared) * s.inner), device, dtype))}
-    for impl in impls:
-        variants[f"moelab {impl}"] = Variant(base, impl)
+    for impl in impls:   # "+compile-layer": the whole layer (router, gating, experts, combine) torch.compile'd
+        variants[f"moelab {impl}"] = Variant(torch.compile(base) if impl.endswith("+compile-layer") else base, impl)
     errors: dict[str, str] = {}
     for impl in peers:
         try:

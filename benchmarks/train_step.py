@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from moelab.config import ModelConfig, load_model_config
 from moelab.model.accounting import model_budget
 from moelab.model.transformer import DeepSeekForCausalLM
-from moelab.train.compile import compile_dense_parts
+from moelab.train.compile import compile_model
 from moelab.train.host_memory import keep_freed_host_memory
 
 CONFIGS = {   # name: (TOML, overrides, default batch, default seq_len)
@@ -72,6 +72,7 @@ MODES = ("float32", "autocast", "bf16")
 PEAK = 989e12            # H100/H200 SXM, dense bf16 FLOP/s (no sparsity)
 TARGET_MFU, TARGET_RATIO = 0.40, 1.5
 KINDS = ("moelab", "transformers", "dense")
+NOT_RUN = "not run (--kinds)"
 
 
 def scale_down(cfg: ModelConfig, d: int) -> ModelConfig:
@@ -151,7 +152,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def _worker(conn, kind: str, cfg_json: str, ids: torch.Tensor, threads: int, keep: bool,
-            device: str = "cpu", compile_dense: bool = False) -> None:
+            device: str = "cpu", compile_how: bool | str = False) -> None:
     """One model in its own process: builds it (sends its parameter count, or an error), then runs
     ``(mode, n)`` requests — n steps, sending ``("ok", seconds, first loss)`` or ``("error", message)``
     — until it receives None. A mode change casts the weights (bf16 or fp32) and drops the optimizer."""
@@ -160,8 +161,8 @@ def _worker(conn, kind: str, cfg_json: str, ids: torch.Tensor, threads: int, kee
         keep_freed_host_memory()
     try:
         model = build(kind, ModelConfig.model_validate_json(cfg_json), device).train()
-        if compile_dense and kind != "transformers":
-            compile_dense_parts(model)
+        if compile_how and kind != "transformers":
+            compile_model(model, compile_how)
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()    # the transformers worker's moelab copy: give it back to the others
@@ -249,11 +250,11 @@ def report(name: str, mode: str, res: dict, n_params: float, tokens: int, fpt: f
 
     def cells(k: str) -> str:
         if not ok[k]:
-            return f"failed: {res[k]} | –"
+            return f"{'' if res[k] == NOT_RUN else 'failed: '}{res[k]} | –"
         return f"{tps[k]:,.0f} | " + (f"{100 * mfu[k]:.1f}%" if peak else "n/a")
 
     ratio, bound = tps["moelab"] / tps["transformers"], tps["dense"] / tps["transformers"]
-    dense = f"{tps['dense']:,.0f}" if ok["dense"] else f"failed: {res['dense']}"
+    dense = f"{tps['dense']:,.0f}" if ok["dense"] else cells("dense").split(" | ")[0]
     losses = " / ".join(f"{res[k][1]:.4f}" if ok[k] else "–" for k in KINDS[:2])
     print(f"| {name} | {n_params / 1e6:.1f}M | {mode} | {cells('moelab')} | {cells('transformers')} | {_x(ratio)} | "
           f"{dense} | {_x(bound)} | {losses} |", flush=True)
@@ -268,7 +269,7 @@ def report(name: str, mode: str, res: dict, n_params: float, tokens: int, fpt: f
             met = "met" if mfu["moelab"] >= TARGET_MFU else "not met"
             targets.append(f"TARGET {name} autocast: moelab MFU {100 * mfu['moelab']:.1f}% "
                            f"(>= {100 * TARGET_MFU:.0f}%: {met})")
-    if mode == "bf16" and issue:
+    if mode == "bf16" and issue and ok["transformers"]:
         met = "met" if ratio >= TARGET_RATIO else "not met"
         targets.append(f"TARGET {name} bf16: moelab {_x(ratio)} transformers tokens/s (>= {TARGET_RATIO}x: {met})")
     return summary, targets
@@ -306,7 +307,9 @@ def run_config(name: str, cfg: ModelConfig, batch: int, seq_len: int, modes: lis
     tokens = batch * seq_len
     print(f"\n## {name}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
           f"{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok} + {cfg.n_shared_experts} shared, "
-          f"batch {batch} × {seq_len} tokens, fused AdamW, median of {args.reps} after {args.warmup} warm-up\n")
+          f"batch {batch} × {seq_len} tokens, fused AdamW"
+          + (f", moelab and the dense limit with train.compile = {args.compile!r}" if args.compile else "")
+          + f", median of {args.reps} after {args.warmup} warm-up\n")
     print(f"FLOPs/token = {formula}; MFU = tokens/s · FLOPs/token / peak. (Attention counted non-causal, "
           f"as the issue's baseline: {fpt_full / 1e9:.3f} GFLOP, MFU x{fpt_full / fpt:.3f}.)\n")
     print("| config | params | mode | moelab tokens/s | moelab MFU | transformers tokens/s | transformers MFU "
@@ -315,8 +318,9 @@ def run_config(name: str, cfg: ModelConfig, batch: int, seq_len: int, modes: lis
     # On a GPU the models take turns: each worker lives alone on the device (three at once would hold ~2x
     # the 4-layer V2-Lite's 35 GB of fp32 weights, gradients and AdamW moments each); on the CPU they run
     # side by side, their steps interleaved, so drift on a shared machine hits every model alike.
-    groups = [[k] for k in KINDS] if args.device.startswith("cuda") or args.turns else [list(KINDS)]
-    res: dict[str, dict] = {mode: {} for mode in modes}
+    kinds = [k for k in KINDS if k in args.kinds]
+    groups = [[k] for k in kinds] if args.device.startswith("cuda") or args.turns else [kinds]
+    res: dict[str, dict] = {mode: dict.fromkeys(set(KINDS) - set(kinds), NOT_RUN) for mode in modes}
     n_params = float("nan")
     for group in groups:
         conns, procs = start_workers(group, cfg, ids, args)
@@ -365,9 +369,11 @@ def main() -> None:
                     help="shipped: each library as its users run it — moelab's trainer keeps freed host memory "
                          "for reuse (moelab.train.host_memory), a transformers process has glibc's default; "
                          "keep / release: the same setting for all (equal footing)")
-    ap.add_argument("--compile", action="store_true",
-                    help="moelab (and its dense limit) with train.compile: torch.compile of the blocks' dense "
-                         "parts; the compile happens in the warm-up steps")
+    ap.add_argument("--compile", nargs="?", const="blocks", choices=["dense", "blocks"], default=False,
+                    help="moelab (and its dense limit) with train.compile: torch.compile of whole blocks (blocks, "
+                         "the default) or of their dense parts (dense); the compile happens in the warm-up steps")
+    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                    help="which models run (default all: moelab, the transformers peer and the dense limit)")
     ap.add_argument("--compile-experts", action="store_true",
                     help="torch.compile the expert activation math (compile time is spent in the warm-up steps)")
     args = ap.parse_args()

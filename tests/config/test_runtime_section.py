@@ -44,6 +44,14 @@ def test_runtime_section_is_strict():
         load_run_config(TINY, ['runtime.expert_impl="triton"'])
 
 
+def test_compile_takes_a_scope():
+    """``compile``: false, true (= "blocks": whole decoder blocks) or "dense" (their dense parts only)."""
+    assert load_run_config(TINY, ['runtime.compile="dense"']).train.compile == "dense"
+    assert load_run_config(TINY, ['train.compile="blocks"']).train.compile == "blocks"
+    with pytest.raises(ConfigError, match="compile"):
+        load_run_config(TINY, ['runtime.compile="fast"'])
+
+
 def test_finetune_runtime_section(tmp_path):
     toml = tmp_path / "ft.toml"
     toml.write_text('[finetune]\nbase = "b"\n[data]\npath = "d.jsonl"\n[train]\nsteps = 2\n'

@@ -229,3 +229,13 @@ def _resume_refused(rank: int, world: int, cfg_json: str, run_dir: str) -> tuple
     except MoelabError as e:
         return str(e), getattr(e, "agreed", False)
     return "resumed", False
+
+
+@pytest.mark.parametrize("parallel", [{"ep": 1}, {"ep": 2}], ids=["dp2-fsdp", "ep2-fsdp"])
+def test_compiled_blocks_under_torchrun(excerpt_tokens, tmp_path, parallel):
+    """``train.compile = true`` (whole blocks) under FSDP2 and with expert parallelism (its exchange runs
+    eagerly inside the compiled block): the losses of the eager one-process run."""
+    ref = _one_process(run_config(excerpt_tokens), tmp_path / "one")
+    cfg = run_config(excerpt_tokens, parallel, compile=True)
+    got = run_ranks(_rank_worker, 2, cfg.model_dump_json(), str(tmp_path / "many"))
+    _compare(ref, got)

@@ -218,11 +218,24 @@ def test_compile_covers_the_dense_parts_only_and_needs_a_compiler(monkeypatch):
         compile_dense_parts(DeepSeekForCausalLM.from_config(make_config(MODEL), seed=0))
 
 
+def test_compile_true_compiles_whole_blocks_and_the_final_norm():
+    from moelab.model.transformer import DeepSeekForCausalLM
+    from moelab.train.compile import compile_model
+
+    model = DeepSeekForCausalLM.from_config(make_config(MODEL | {"first_k_dense_replace": 1}), seed=0)
+    assert compile_model(model, True) == 1 + 2
+    compiled = {n for n, m in model.named_modules() if getattr(m, "_compiled_call_impl", None) is not None}
+    assert compiled == {"model.norm", "model.layers.0", "model.layers.1"}
+    assert compile_model(DeepSeekForCausalLM.from_config(make_config(MODEL), seed=0), False) == 0
+
+
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor needs a C++ compiler")
-def test_compiled_training_matches_eager(data_dir, tmp_path):
+@pytest.mark.parametrize("how, extra", [(True, {}), ("dense", {}), ("blocks", {"activation_checkpointing": True})],
+                         ids=["blocks", "dense", "blocks+checkpointing"])
+def test_compiled_training_matches_eager(data_dir, tmp_path, how, extra):
     kw = dict(steps=2, eval_every=2, ckpt_every=2)   # ~45 s with a cold inductor cache: compiling train + eval
     train(run_config(data_dir, **kw), tmp_path / "eager", progress=False)
-    train(run_config(data_dir, compile=True, **kw), tmp_path / "compiled", progress=False)
+    train(run_config(data_dir, compile=how, **extra, **kw), tmp_path / "compiled", progress=False)
     eager, compiled = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
     assert eager.keys() == compiled.keys()
     for s in eager:

@@ -9,6 +9,7 @@ test_plora.py and test_esft.py; here: what trains, what is written, resume, merg
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,26 @@ def test_esft_trains_only_selected_experts(setup, tmp_path):
     gu, gu0 = merged.model.layers[1].mlp.experts.gate_up_proj, base.model.layers[1].mlp.experts.gate_up_proj
     changed = [e for e in range(8) if not torch.equal(gu[e], gu0[e])]
     assert changed == [2, 5]
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor needs a C++ compiler")
+@pytest.mark.parametrize("method", ["lora", "esft"])
+def test_compiled_blocks_finetune_to_the_eager_losses(setup, tmp_path, method):
+    """``train.compile = true`` (whole blocks) with LoRA adapters on the experts, and with ESFT's frozen
+    expert rows: the losses of the eager run (fp32: the experts run eagerly inside the compiled blocks)."""
+    extra = {}
+    if method == "esft":
+        from moelab.tune.esft import write_expert_config
+
+        write_expert_config({"experts": {"1": [2, 5]}, "shared_experts": False, "non_expert_modules": False},
+                            tmp_path / "expert_cfg.json")
+        extra = {"esft.expert_config": str(tmp_path / "expert_cfg.json")}
+    finetune(cfg_for(setup, method, **extra), tmp_path / "eager", progress=False)
+    finetune(cfg_for(setup, method, **extra, **{"train.compile": "true"}), tmp_path / "compiled", progress=False)
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert eager.keys() == compiled.keys() and len(eager) == 6
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-4)
 
 
 def test_cli_finetune_and_bad_input(setup, tmp_path):

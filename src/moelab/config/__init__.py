@@ -6,6 +6,7 @@
 from moelab.config.model import (
     NOT_IN_CONFIG_JSON,
     RUNTIME_FIELDS,
+    CompileScope,
     ModelConfig,
     RopeScaling,
     RuntimeSettings,
@@ -23,6 +24,6 @@ from moelab.config.toml import (
     read_toml,
 )
 
-__all__ = ["KNOWN_SECTIONS", "NOT_IN_CONFIG_JSON", "RUNTIME_FIELDS", "ModelConfig", "RopeScaling", "RuntimeSettings",
-           "ScoringFunc", "TopkMethod", "format_validation_error", "load_model_config", "make_config",
-           "non_finite_settings", "read_toml", "runtime_settings", "yarn_mscale"]
+__all__ = ["KNOWN_SECTIONS", "NOT_IN_CONFIG_JSON", "RUNTIME_FIELDS", "CompileScope", "ModelConfig", "RopeScaling",
+           "RuntimeSettings", "ScoringFunc", "TopkMethod", "format_validation_error", "load_model_config",
+           "make_config", "non_finite_settings", "read_toml", "runtime_settings", "yarn_mscale"]

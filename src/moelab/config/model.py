@@ -21,9 +21,9 @@ A TOML config holds the model under ``[model]`` (later stages add their own sect
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, PlainValidator, field_validator, model_validator
 
 ScoringFunc = Literal["softmax", "sigmoid"]
 TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]
@@ -325,17 +325,29 @@ class ModelConfig(_Strict):
 RUNTIME_FIELDS: tuple[str, ...] = ("attn_impl", "expert_impl", "compile_experts")
 
 
+def _compile_scope(v: object) -> bool | str:
+    if isinstance(v, bool) or v in ("blocks", "dense"):
+        return v
+    raise ValueError(f'give false, true (= "blocks": whole decoder blocks) or "dense" (their dense parts only), '
+                     f"not {v!r}")
+
+
+#: ``train.compile``: False, True / "blocks" (torch.compile whole decoder blocks) or "dense" (their dense
+#: parts only: attention, norms, dense and shared MLPs) — moelab.train.compile
+CompileScope = Annotated[bool | Literal["blocks", "dense"], PlainValidator(_compile_scope)]
+
+
 class RuntimeSettings(_Strict):
     """The ``[runtime]`` section of a run config: how to compute, never what — kernels, attention path and
     the compile switches, in one place (``None``: keep the value of ``[model]`` / ``[train]`` or the
-    checkpoint's default). ``compile`` is ``train.compile`` (the blocks' dense parts); ``compile_experts``
+    checkpoint's default). ``compile`` is ``train.compile`` (whole blocks or their dense parts); ``compile_experts``
     the fused expert kernel's elementwise math. A key given both here and in ``[model]``/``[train]``
     with different values is an error."""
 
     expert_impl: Literal["loop", "grouped_mm", "padded_bmm", "fused"] | None = None
     attn_impl: Literal["auto", "absorb", "naive"] | None = None
     compile_experts: bool | None = None
-    compile: bool | None = None
+    compile: CompileScope | None = None
 
     def model_settings(self) -> dict[str, Any]:
         """The given settings that belong to the model (``RUNTIME_FIELDS``)."""

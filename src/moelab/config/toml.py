@@ -29,7 +29,7 @@ def format_validation_error(err: ValidationError, where: str, model: type[BaseMo
             fields = parent.model_fields if parent else {}
             lines.append(f"unknown key '{loc}' in {where}{did_you_mean(str(e['loc'][-1]), fields)}")
         elif e["type"] == "value_error":
-            lines.append(f"{where}: {str(e['msg']).removeprefix('Value error, ')}")
+            lines.append(f"{f'{loc} in ' if loc else ''}{where}: {str(e['msg']).removeprefix('Value error, ')}")
         elif e["type"] == "finite_number":
             lines.append(f"{loc} in {where} must be a finite number (got {e.get('input')!r})")
         else:

@@ -73,6 +73,9 @@ class ExpertParallelExperts(RoutedExperts):
         self.down_proj = nn.Parameter(full.down_proj.detach()[rows].clone(),
                                       requires_grad=full.down_proj.requires_grad)
 
+    # eager inside compiled blocks (train.compile): the exchange sizes are data (read on the host) and the
+    # collectives run as they are; the rest of the block stays compiled around this one graph break
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         N, El, ep = x.shape[0], self.n_local, self.ep
         compute_dt = autocast_dtype(x)

@@ -224,7 +224,15 @@ class RoutedExperts(nn.Module):
                                grouped_mm_missing=grouped_mm_missing(x.device, dt))
         if choice.reason is not None:
             log_choice(self.impl, choice)
-        kernel = choice.kernel
+        if choice.kernel in ("fused", "grouped_mm") and dt != torch.bfloat16 and torch.compiler.is_compiling():
+            # grouped_mm's compile-time (fake tensor) rule takes only bf16, though the CPU kernel runs fp32
+            # and fp16 too: the experts run eagerly between two compiled graphs (one graph break)
+            return self._eager_run(x, indices, gates, choice.kernel, dt, autocast_dt)
+        return self._run(x, indices, gates, choice.kernel, dt, autocast_dt)
+
+    def _run(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, kernel: str, dt: torch.dtype,
+             autocast_dt: torch.dtype | None) -> torch.Tensor:
+        """The routed experts by ``kernel`` (chosen by :meth:`forward`); dt: the dtype they compute in."""
         if kernel == "few_tokens":
             return self._few_tokens(x, indices, gates)
         # Aligned groups serve the grouped GEMMs (LOWP_CPU_ALIGN). A grouped_mm request keeps them when
@@ -240,6 +248,8 @@ class RoutedExperts(nn.Module):
         # under autocast: cast the N tokens once, not their N·K slots (the kernels would)
         y = self.compute(dispatch(x, plan, autocast_dt), plan, kernel)
         return unpermute(y, plan, x.shape[0])
+
+    _eager_run = torch.compiler.disable(_run)
 
     def compute(self, x_slots: torch.Tensor, plan: Plan, kernel: str) -> torch.Tensor:
         """Apply each expert to its slots ``[S, H]`` -> ``[S, H]`` with a modular kernel: ``padded_bmm``

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from moelab.config import ModelConfig, RuntimeSettings, format_validation_error, read_toml
+from moelab.config import CompileScope, ModelConfig, RuntimeSettings, format_validation_error, read_toml
 from moelab.dist.mesh import ParallelConfig
 from moelab.errors import ConfigError
 
@@ -107,8 +107,8 @@ class TrainConfig(_Section):
     threads: int | None = None          # torch intra-op threads (None or 0: torch's default)
     keep_host_memory: bool = True       # CPU: glibc keeps freed blocks for reuse (no per-step page faults;
                                         # RSS stays near its peak) — moelab.train.host_memory
-    compile: bool = False               # torch.compile the blocks' dense parts (attention, norms, dense and
-                                        # shared MLPs): 1.06-1.13x per step after ~20 s — moelab.train.compile
+    compile: CompileScope = False       # torch.compile whole decoder blocks (true or "blocks") or only their
+                                        # dense parts ("dense") — moelab.train.compile
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 16

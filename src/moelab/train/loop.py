@@ -41,7 +41,7 @@ from moelab.interop.checkpoint import load as load_checkpoint_dir
 from moelab.model.transformer import DeepSeekForCausalLM
 from moelab.train.balance import Balancer
 from moelab.train.checkpointing import enable_activation_checkpointing
-from moelab.train.compile import compile_dense_parts
+from moelab.train.compile import compile_model
 from moelab.train.config import BalanceConfig, RunConfig, TrainConfig
 from moelab.train.evaluation import check_eval_data, evaluate
 from moelab.train.frozen_rows import FrozenRows
@@ -120,7 +120,7 @@ class Trainer:
         if tc.activation_checkpointing:
             enable_activation_checkpointing(model)
         if tc.compile:
-            compile_dense_parts(model)
+            compile_model(model, tc.compile)
         self.balancer = Balancer(model, balance)
         masks = job.prepare_parallel(model, ps) if ps.distributed else {}
         parallelize(model, ps)
