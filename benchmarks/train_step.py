@@ -303,7 +303,7 @@ def run_config(name: str, cfg: ModelConfig, batch: int, seq_len: int, modes: lis
                args) -> tuple[dict[str, float], list[str]]:
     """One model config: the three workers, a table row per mode; returns RESULT entries and TARGET lines."""
     fpt, fpt_full, formula = flops_per_token(cfg, seq_len)
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1))
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
     tokens = batch * seq_len
     print(f"\n## {name}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
           f"{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok} + {cfg.n_shared_experts} shared, "
