@@ -7,6 +7,7 @@ without one (``MOELAB_TEST_DEVICE=cpu`` dry-runs them on the CPU).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,23 @@ def test_bf16_weights_and_activation_checkpointing_on_the_gpu(excerpt_tokens, tm
                          activation_checkpointing=True, steps=10), tmp_path / "r", progress=False)
     ls = losses(tmp_path / "r")
     assert r.status == "finished" and ls[-1] < ls[0]
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor needs a C++ compiler")
+def test_compiled_blocks_follow_eager_without_graph_breaks(excerpt_tokens, tmp_path, cpu_and_gpu, monkeypatch):
+    """``train.compile = true`` (bf16 autocast, fp32 master weights), on the CPU and the GPU: every block
+    compiles as one graph (no break: no host sync inside a block, the whole training path included) and
+    the losses follow the eager run's."""
+    from torch._dynamo.utils import counters
+
+    from moelab.model import experts
+
+    monkeypatch.setattr(experts, "LOWP_CPU_ALIGN", 1)   # group bf16 experts as CUDA does (the CPU aligns: a host read)
+    kw = dict(steps=10, dtype="bfloat16", eval_every=10, ckpt_every=10, log_every=1, device=str(cpu_and_gpu))
+    train(run_config(excerpt_tokens, **kw), tmp_path / "eager", progress=False)
+    counters.clear()
+    train(run_config(excerpt_tokens, compile=True, **kw), tmp_path / "compiled", progress=False)
+    assert not counters["graph_break"], list(counters["graph_break"])
+    a, b = torch.tensor(losses(tmp_path / "eager")), torch.tensor(losses(tmp_path / "compiled"))
+    assert len(a) == len(b) == 10
+    assert float((a - b).abs().max()) < 0.02 * float(a.max())
