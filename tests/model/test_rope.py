@@ -13,6 +13,7 @@ from moelab.model.rope import (
     RotaryEmbedding,
     apply_rope,
     default_inv_freq,
+    rotate,
     yarn_correction_range,
     yarn_inv_freq,
 )
@@ -51,6 +52,32 @@ def test_interleaved_and_half_layouts_give_equal_scores():
     a = (apply_rope(q, cos, sin, True) * apply_rope(k, cos, sin, True)).sum(-1)
     b = (apply_rope(q[..., deinterleave], cos, sin, False) * apply_rope(k[..., deinterleave], cos, sin, False)).sum(-1)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def reference_rotation(x, cos, sin, interleave):
+    """The pairwise formula as the reference code writes it: (x1·c − x2·s, x2·c + x1·s), tables in x's dtype."""
+    c = cos.reshape(*cos.shape[:2], *([1] * (x.dim() - cos.dim())), cos.shape[-1]).to(x.dtype)
+    s = sin.reshape(*sin.shape[:2], *([1] * (x.dim() - sin.dim())), sin.shape[-1]).to(x.dtype)
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+    x1, x2 = x[..., :x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleave", [True, False])
+def test_table_rotation_is_bit_identical_to_the_pairwise_formula(dtype, interleave):
+    """The model's four-op rotation (full tables made once per forward) rounds exactly as the reference's
+    pairwise formula: equal bit for bit, per-head queries [B, T, N, D] and shared keys [B, T, D] alike."""
+    rope = RotaryEmbedding(rope_cfg(rope_interleave=interleave))
+    positions = torch.randint(0, 5000, (3, 7))
+    cos, sin = rope(positions)
+    C, S = rope.tables(positions, dtype)
+    assert C.shape == S.shape == (3, 7, 64) and C.dtype == S.dtype == dtype
+    for x in (torch.randn(3, 7, 4, 64, dtype=dtype), torch.randn(3, 7, 64, dtype=dtype)):
+        assert torch.equal(rotate(x, C, S, interleave), reference_rotation(x, cos, sin, interleave))
+        assert torch.equal(apply_rope(x, cos, sin, interleave), reference_rotation(x, cos, sin, interleave))
 
 
 def test_released_yarn_worked_values():

@@ -12,7 +12,7 @@ from torch import nn
 
 from moelab.config import ModelConfig
 from moelab.model.cache import KVCache
-from moelab.model.rope import apply_rope
+from moelab.model.rope import rotate
 
 
 class GroupedQueryAttention(nn.Module):
@@ -35,8 +35,8 @@ class GroupedQueryAttention(nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         N, G, D = self.n_heads, self.n_kv, self.head_dim
-        q = apply_rope(self.q_proj(x).view(B, T, N, D), cos, sin, self.interleave)
-        k = apply_rope(self.k_proj(x).view(B, T, G, D), cos, sin, self.interleave)
+        q = rotate(self.q_proj(x).view(B, T, N, D), cos, sin, self.interleave)
+        k = rotate(self.k_proj(x).view(B, T, G, D), cos, sin, self.interleave)
         v = self.v_proj(x).view(B, T, G, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                           # [B, S, G, D]

@@ -7,6 +7,12 @@ Two layouts rotate the same pairs of a vector and give equal attention scores:
 * ``interleave=True`` (DeepSeek checkpoints, the reference code): pairs are (x0,x1),(x2,x3),...
   and the output keeps that layout.
 * ``interleave=False`` (Llama style, HF ``rope_interleave=False``): pairs are (x_i, x_{i+D/2}).
+
+The model makes full-width tables once per forward (:meth:`RotaryEmbedding.tables`) and every attention
+layer rotates with them in four elementwise ops (:func:`rotate`): ``x·C + swap(x)·S``, where ``swap``
+exchanges the two members of each pair and ``S`` carries the sign. That is the reference formula
+``(x1·c − x2·s, x2·c + x1·s)`` with the same roundings (bit-identical), in fewer kernels: a decode step is
+bound by kernel count, and this was nine per rotation (two of them casts of the same tables).
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ class RotaryEmbedding(FP32Buffers):
         self.inv_freq: torch.Tensor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._recompute = (dim, theta, cfg.yarn_active, cfg.rope_scaling)
+        self.interleave = cfg.rope_interleave
 
     def reset_parameters(self) -> None:
         """Recompute ``inv_freq`` (after a meta-device build or ``to_empty``)."""
@@ -81,18 +88,37 @@ class RotaryEmbedding(FP32Buffers):
         angles = positions.to(torch.float32)[..., None] * self.inv_freq  # [..., T, D/2]
         return angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
 
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotation tables of :func:`rotate` for ``positions`` ``[T]`` or ``[B, T]``: (C, S), each
+        ``[..., T, D]`` in ``dtype`` (that of the rotated activations: the autocast dtype under autocast)."""
+        return rope_tables(*self(positions), self.interleave, dtype)
+
+
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor, interleave: bool,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half tables ``cos``/``sin`` ``[..., D/2]`` (fp32) -> full tables (C, S) ``[..., D]`` in ``dtype``:
+    C holds each pair's cosine at both members, S its sine with the first member's sign flipped."""
+    cos, sin = cos.to(dtype), sin.to(dtype)                 # rounded as the reference rounds them, then spread
+    if interleave:
+        return torch.stack((cos, cos), -1).flatten(-2), torch.stack((-sin, sin), -1).flatten(-2)
+    return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+
+
+def rotate(x: torch.Tensor, C: torch.Tensor, S: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate the last dimension of ``x`` ``[B, T, ..., D]`` by tables ``C``/``S`` ``[B|1, T, D]``
+    (:func:`rope_tables`), broadcast over every axis between T and D (heads): ``x·C + swap(x)·S``."""
+    shape = (*C.shape[:2], *([1] * (x.dim() - C.dim())), C.shape[-1])
+    C, S = C.reshape(shape).to(x.dtype), S.reshape(shape).to(x.dtype)     # no-ops when made for x's dtype
+    if interleave:
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)             # (x1, x0, x3, x2, ...)
+    else:
+        half = x.shape[-1] // 2
+        swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return x * C + swapped * S
+
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotate the last dimension of ``x`` ``[B, T, ..., D]`` by angles ``cos/sin`` ``[B|1, T, D/2]``.
-
-    ``cos``/``sin`` are broadcast over every axis between T and D (heads).
-    """
-    extra = x.dim() - cos.dim()
-    c = cos.reshape(*cos.shape[:2], *([1] * extra), cos.shape[-1]).to(x.dtype)
-    s = sin.reshape(*sin.shape[:2], *([1] * extra), sin.shape[-1]).to(x.dtype)
-    if interleave:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    """Rotate the last dimension of ``x`` ``[B, T, ..., D]`` by half tables ``cos/sin`` ``[B|1, T, D/2]``
+    (:meth:`RotaryEmbedding.forward`), broadcast over every axis between T and D (heads): the one-off
+    form of :func:`rope_tables` + :func:`rotate`."""
+    return rotate(x, *rope_tables(cos, sin, interleave, x.dtype), interleave)

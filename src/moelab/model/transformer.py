@@ -18,7 +18,7 @@ from torch import nn
 
 from moelab.config import ModelConfig
 from moelab.model.cache import DecodingCache, KVCache, StaticCache, StaticSlot
-from moelab.model.experts import RoutedExperts
+from moelab.model.experts import RoutedExperts, autocast_dtype
 from moelab.model.mha import GroupedQueryAttention
 from moelab.model.mla import MultiHeadLatentAttention
 from moelab.model.mlp import SwiGLU
@@ -57,6 +57,11 @@ def attention_mask_for(T: int, past: int, padding: torch.Tensor | None, device) 
         mask = mask & padding[:, None, None, :S].to(torch.bool, copy=False).to(device)
         mask = mask | (k_pos == q_pos)[None, None]
     return mask
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layers compute in on input ``x``: the autocast dtype under autocast, else x's."""
+    return autocast_dtype(x) or x.dtype
 
 
 class DecoderLayer(nn.Module):
@@ -101,9 +106,9 @@ class DeepSeekModel(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
             else:
                 position_ids = torch.arange(past, past + T, device=device)[None]
-        cos, sin = self.rotary_emb(position_ids)                          # [B|1, T, R/2]
         mask = attention_mask_for(T, past, attention_mask, device)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        cos, sin = self.rotary_emb.tables(position_ids, compute_dtype(x))      # [B|1, T, R] (rope.rotate)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
         return self.norm(x)
@@ -114,8 +119,8 @@ class DeepSeekModel(nn.Module):
         over the cache's ``L`` slots (True = attend; the caller hides the slots after the one written now),
         ``slots`` from :meth:`StaticCache.step_slots` -> hidden ``[B, 1, H]``. Same shapes at every step, no
         host sync. ``run_layer(layer, x, cos, sin, mask, slot)`` replaces calling the layer (a compiled one)."""
-        cos, sin = self.rotary_emb(position_ids)                          # [B, 1, R/2]
         x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb.tables(position_ids, compute_dtype(x))      # [B, 1, R] (rope.rotate)
         for layer, slot in zip(self.layers, slots, strict=True):
             x = layer(x, cos, sin, mask, slot) if run_layer is None else run_layer(layer, x, cos, sin, mask, slot)
         return self.norm(x)
