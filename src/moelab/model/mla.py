@@ -122,9 +122,10 @@ class MultiHeadLatentAttention(nn.Module):
         w_uk, w_uv = self._up_weights()
         q_lat = torch.bmm(q_nope.view(B, N, self.nope).transpose(0, 1), w_uk)   # [N, B, C]
         q = torch.cat((q_lat.transpose(0, 1), q_pe.view(B, N, self.rope)), dim=-1)        # [B, N, C+R]
-        scores = torch.bmm(q * self.scale, kv.transpose(1, 2))                  # [B, N, S]
+        # the softmax scale rides on the GEMM (alpha), the mask on one select: no extra elementwise kernels
+        scores = torch.baddbmm(q.new_empty(B, N, kv.shape[1]), q, kv.transpose(1, 2), beta=0, alpha=self.scale)
         if mask is not None:                                                    # [B|1, 1, 1, S]
-            scores = scores.masked_fill(~mask[:, 0], float("-inf"))
+            scores = torch.where(mask[:, 0], scores, float("-inf"))            # [B, N, S]
         p = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
         o_lat = torch.bmm(p, kv[:, :, :self.kv_rank])                           # [B, N, C]
         o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2))              # [N, B, V]
