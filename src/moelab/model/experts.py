@@ -240,7 +240,7 @@ class RoutedExperts(nn.Module):
         align = LOWP_CPU_ALIGN if x.device.type == "cpu" and dt in (torch.bfloat16, torch.float16) else 1
         if kernel == "fused":
             plan = permute(indices, gates, self.n_experts, align=align)
-            offs = torch.cumsum(plan.rows, 0).to(torch.int32)
+            offs = torch.cumsum(plan.rows, 0, dtype=torch.int32)
             return FusedGroupedExperts.apply(x, plan.token, plan.inverse, plan.gate, offs, self.gate_up_proj,
                                              self.down_proj, self.compile, autocast_dt)
         plan = permute(indices, gates, self.n_experts, padded=kernel == "padded_bmm",
@@ -286,7 +286,7 @@ class RoutedExperts(nn.Module):
         return torch.cat(outs) if outs else x_sorted.new_zeros(x_sorted.shape)
 
     def _grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        offs = torch.cumsum(counts, 0).to(torch.int32)
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
         dt = autocast_dtype(x_sorted) or x_sorted.dtype      # grouped_mm is not covered by autocast
         h = grouped_mm(x_sorted.to(dt), self.gate_up_proj.to(dt).transpose(1, 2), offs=offs)     # [M, 2I]
         gate, up = h.chunk(2, dim=-1)
