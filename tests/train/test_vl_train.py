@@ -6,6 +6,7 @@ answers through `moelab vl chat`."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,18 @@ def test_resume_repeats_the_losses(data, tmp_path):
     rest, _ = train_vl(cfg_for(data, "sft", steps=6), tmp_path / "b", resume=True, progress=False)
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert rest.step == 6 and all(a[k] == b[k] for k in (3, 4, 5, 6))
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor needs a C++ compiler")
+def test_compiled_and_checkpointed_blocks_give_the_eager_losses(data, tmp_path):
+    """``train.compile`` and ``train.activation_checkpointing`` reach the language model's blocks of a
+    vision-language model, and change nothing but speed and memory."""
+    train_vl(cfg_for(data, "sft"), tmp_path / "eager", progress=False)
+    eager = losses(tmp_path / "eager")
+    for name, key in (("compiled", "train.compile"), ("checkpointed", "train.activation_checkpointing")):
+        train_vl(cfg_for(data, "sft", **{key: "true"}), tmp_path / name, progress=False)
+        got = losses(tmp_path / name)
+        assert got.keys() == eager.keys() and all(got[k] == pytest.approx(eager[k], rel=1e-4) for k in eager), name
 
 
 def test_config_errors(data, tmp_path):

@@ -37,10 +37,17 @@ def _checkpointed(forward, *args, **kwargs):
     return checkpoint(forward, *args, use_reentrant=False, context_fn=_contexts, **kwargs)
 
 
+def decoder_stack(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack (``layers``, final ``norm``) of a causal LM (LoRA / ESFT wrapped or not) or of a
+    vision-language model's language model."""
+    return getattr(model, "language", model).model
+
+
 def enable_activation_checkpointing(model: torch.nn.Module) -> int:
     """Recompute every decoder block of ``model`` (a :class:`~moelab.model.transformer.DeepSeekForCausalLM`,
-    LoRA / ESFT wrapped or not) in backward; returns the number of blocks. Idempotent."""
-    blocks = model.model.layers
+    LoRA / ESFT wrapped or not, or a vision-language model's language model) in backward; returns the number
+    of blocks. Idempotent."""
+    blocks = decoder_stack(model).layers
     for block in blocks:
         if not getattr(block, "_moelab_checkpointed", False):
             block.forward = functools.partial(_checkpointed, block.forward)

@@ -34,6 +34,7 @@ import shutil
 from torch import nn
 
 from moelab.errors import TrainingError
+from moelab.train.checkpointing import decoder_stack
 
 
 def _check_compiler(model: nn.Module) -> None:
@@ -45,8 +46,9 @@ def _check_compiler(model: nn.Module) -> None:
 def compile_dense_parts(model: nn.Module) -> int:
     """Compile the dense sub-modules of every decoder block in place; returns how many were compiled."""
     _check_compiler(model)
-    parts: list[nn.Module] = [model.model.norm]
-    for layer in model.model.layers:
+    stack = decoder_stack(model)
+    parts: list[nn.Module] = [stack.norm]
+    for layer in stack.layers:
         parts += [layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm]
         if not hasattr(layer.mlp, "experts"):    # a dense SwiGLU block
             parts.append(layer.mlp)
@@ -61,7 +63,8 @@ def compile_blocks(model: nn.Module) -> int:
     """Compile every decoder block whole (router and routed experts included) and the final norm, in
     place; returns how many modules were compiled."""
     _check_compiler(model)
-    parts: list[nn.Module] = [model.model.norm, *model.model.layers]
+    stack = decoder_stack(model)
+    parts: list[nn.Module] = [stack.norm, *stack.layers]
     for m in parts:
         m.compile()
     return len(parts)
