@@ -392,6 +392,8 @@ def main() -> None:
         cfg = load_model_config(path).model_copy(update=overrides | {"compile_experts": args.compile_experts})
         if args.scale_down > 1:
             cfg, name = scale_down(cfg, args.scale_down), f"{name}/{args.scale_down}"
+        if args.compile:                               # its own RESULT keys (v2lite-4l_compiled_blocks_...)
+            name = f"{name}_compiled_{args.compile}"
         cfg = type(cfg)(**cfg.model_dump())            # validated
         s, t = run_config(name, cfg, args.batch or batch, args.seq_len or seq_len, modes, peak, args)
         summary |= s

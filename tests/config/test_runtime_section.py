@@ -47,7 +47,8 @@ def test_runtime_section_is_strict():
 def test_compile_takes_a_scope():
     """``compile``: false, true (= "blocks": whole decoder blocks) or "dense" (their dense parts only)."""
     assert load_run_config(TINY, ['runtime.compile="dense"']).train.compile == "dense"
-    assert load_run_config(TINY, ['train.compile="blocks"']).train.compile == "blocks"
+    assert load_run_config(TINY, ['train.compile="blocks"']).train.compile is True      # one spelling
+    assert load_run_config(TINY, ['runtime.compile="blocks"', "train.compile=true"]).train.compile is True
     with pytest.raises(ConfigError, match="compile"):
         load_run_config(TINY, ['runtime.compile="fast"'])
 

@@ -326,14 +326,16 @@ RUNTIME_FIELDS: tuple[str, ...] = ("attn_impl", "expert_impl", "compile_experts"
 
 
 def _compile_scope(v: object) -> bool | str:
-    if isinstance(v, bool) or v in ("blocks", "dense"):
+    if isinstance(v, bool) or v == "dense":
         return v
+    if v == "blocks":                       # the same as true (one spelling in records, no false contradictions)
+        return True
     raise ValueError(f'give false, true (= "blocks": whole decoder blocks) or "dense" (their dense parts only), '
                      f"not {v!r}")
 
 
-#: ``train.compile``: False, True / "blocks" (torch.compile whole decoder blocks) or "dense" (their dense
-#: parts only: attention, norms, dense and shared MLPs) — moelab.train.compile
+#: ``train.compile``: False, True / "blocks" (torch.compile whole decoder blocks; read as True) or "dense"
+#: (their dense parts only: attention, norms, dense and shared MLPs) — moelab.train.compile
 CompileScope = Annotated[bool | Literal["blocks", "dense"], PlainValidator(_compile_scope)]
 
 

@@ -249,7 +249,10 @@ class RoutedExperts(nn.Module):
         y = self.compute(dispatch(x, plan, autocast_dt), plan, kernel)
         return unpermute(y, plan, x.shape[0])
 
-    _eager_run = torch.compiler.disable(_run)
+    @torch.compiler.disable
+    def _eager_run(self, *args) -> torch.Tensor:
+        """:meth:`_run` outside any compiled graph."""
+        return self._run(*args)
 
     def compute(self, x_slots: torch.Tensor, plan: Plan, kernel: str) -> torch.Tensor:
         """Apply each expert to its slots ``[S, H]`` -> ``[S, H]`` with a modular kernel: ``padded_bmm``

@@ -16,7 +16,7 @@ from moelab.model.rope import rotate
 
 
 class GroupedQueryAttention(nn.Module):
-    """MHA (G = N) or GQA (G < N). forward(x ``[B, T, H]``, cos/sin ``[B|1, T, D/2]``,
+    """MHA (G = N) or GQA (G < N). forward(x ``[B, T, H]``, cos/sin ``[B|1, T, D]`` (rope tables),
     mask ``[B|1, 1, T, S]`` bool or None, cache) -> ``[B, T, H]``. Cache: rotated K and V ``[B, S, G, D]``."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):

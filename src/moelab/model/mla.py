@@ -33,7 +33,7 @@ from moelab.model.rope import rotate
 
 
 class MultiHeadLatentAttention(nn.Module):
-    """MLA. forward(x ``[B, T, H]``, cos/sin ``[B|1, T, R/2]``, mask ``[B|1, 1, T, S]`` bool or None,
+    """MLA. forward(x ``[B, T, H]``, cos/sin ``[B|1, T, R]`` (rope tables), mask ``[B|1, 1, T, S]`` bool or None,
     cache) -> ``[B, T, H]``."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):

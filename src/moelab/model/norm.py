@@ -20,9 +20,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x·rsqrt(mean(x²) + eps) in fp32, rounded to x's dtype, then the weight, as the references order it.
-        # F.rms_norm computes in fp32 for bf16/fp16 inputs and rounds once (bit-identical on the CPU, tested):
-        # one fused kernel on CUDA where the spelled-out version is seven with its two casts, and a decode
-        # step runs three norms per layer. (.to: autocast may return fp32.)
+        # F.rms_norm computes in fp32 for bf16/fp16 inputs (fp64 in fp64) and rounds once (bit-identical on
+        # the CPU, tested): one fused kernel on CUDA where the spelled-out version is seven with its two
+        # casts, and a decode step runs three norms per layer. (.to: autocast may return fp32.)
         return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -89,8 +89,8 @@ class RotaryEmbedding(FP32Buffers):
         return angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotation tables of :func:`rotate` for ``positions`` ``[T]`` or ``[B, T]``: (C, S), each
-        ``[..., T, D]`` in ``dtype`` (that of the rotated activations: the autocast dtype under autocast)."""
+        """The rotation tables of :func:`rotate` for ``positions`` ``[1, T]`` or ``[B, T]``: (C, S), each
+        ``[B|1, T, D]`` in ``dtype`` (that of the rotated activations: the autocast dtype under autocast)."""
         return rope_tables(*self(positions), self.interleave, dtype)
 
 

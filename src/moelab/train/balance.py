@@ -28,6 +28,9 @@ from moelab.model.moe import DeepSeekMoE
 from moelab.model.router import Routing
 from moelab.train.config import BalanceConfig
 
+#: The per-layer count buffer a :class:`Balancer` adds to each MoE layer (non-persistent: never saved).
+LOAD = "balance_load"
+
 
 def maxvio(load: torch.Tensor) -> torch.Tensor:
     """MaxVio over the last dimension: ``(max − mean)/mean`` of expert loads ``[..., E]``."""
@@ -77,13 +80,17 @@ class Balancer:
 
     Training forwards (``module.training``) are counted for the bias and MaxVio_batch; evaluation
     forwards are counted only inside :meth:`measure` (MaxVio_global) and never move the bias.
+
+    Each MoE layer counts into a buffer of its own (``balance_load`` ``[2, E]`` int64: training, evaluation;
+    not saved), where its routing runs: no per-layer Python state in the observer, so whole blocks compiled
+    with ``torch.compile`` share one graph across layers (an index looked up by module would specialise
+    the graph per layer, and past dynamo's recompile limit the remaining layers would run eagerly).
     """
 
     def __init__(self, model: torch.nn.Module, cfg: BalanceConfig):
         self.cfg = cfg
         self.layers = [m for m in model.modules() if isinstance(m, DeepSeekMoE)]
         self.layer_ids = [m.layer_idx for m in self.layers]
-        self._index = {id(m): i for i, m in enumerate(self.layers)}
         E = self.layers[0].gate.n_experts if self.layers else 0
         self.n_experts = E
         self.top_k = self.layers[0].gate.top_k if self.layers else 0
@@ -92,13 +99,32 @@ class Balancer:
                               "'noaux_tc' (with n_group = 1 for plain top-k), or choose balance.method = 'aux_loss'")
         if cfg.n_devices > 1 and E % cfg.n_devices:
             raise ConfigError(f"balance.n_devices ({cfg.n_devices}) must divide n_routed_experts ({E})")
-        self.counts = torch.zeros(len(self.layers), E, dtype=torch.float64)
-        self.eval_counts = torch.zeros_like(self.counts)
         self._measuring = False
         self._frozen = False
         self._aux: list[torch.Tensor] = []
         for m in self.layers:
+            m.register_buffer(LOAD, torch.zeros(2, E, dtype=torch.long, device=m.gate.weight.device),
+                              persistent=False)
             m.routing_observers.append(self._observe)
+
+    def _loads(self, row: int) -> torch.Tensor:
+        if not self.layers:
+            return torch.zeros(0, self.n_experts, dtype=torch.float64)
+        return torch.stack([getattr(m, LOAD)[row] for m in self.layers]).to(torch.float64)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Routed rows per layer and expert ``[L, E]`` (fp64) of the training forwards since the last step."""
+        return self._loads(0)
+
+    @property
+    def eval_counts(self) -> torch.Tensor:
+        """The same for the evaluation forwards of the last :meth:`measure` block."""
+        return self._loads(1)
+
+    def _reset(self, row: int) -> None:
+        for m in self.layers:
+            getattr(m, LOAD)[row].zero_()
 
     @property
     def wants_aux(self) -> bool:
@@ -116,27 +142,20 @@ class Balancer:
         for m in self.layers:
             if self._observe in m.routing_observers:
                 m.routing_observers.remove(self._observe)
+            m._buffers.pop(LOAD, None)
 
     # -- observation ----------------------------------------------------------------------------
     def _observe(self, module: DeepSeekMoE, r: Routing) -> None:
-        i = self._index[id(module)]
         if r.replay:      # activation checkpointing recomputes: same saved tensors, nothing counted twice
             if module.training and self.wants_aux and torch.is_grad_enabled():
                 self._aux_loss(r)
             return
         if module.training or self._measuring:
             with torch.no_grad():   # counted where the routing is: no host sync per layer on a GPU
-                counts = expert_counts(r.indices, self.n_experts)
-                target = self.counts if module.training else self.eval_counts
-                if target.device != counts.device:
-                    target = self._move_counts(counts.device, module.training)
-                target[i] += counts
+                load = getattr(module, LOAD)
+                load[0 if module.training else 1] += expert_counts(r.indices, self.n_experts).to(load.device)
         if module.training and self.wants_aux and torch.is_grad_enabled():
             self._aux.append(self._aux_loss(r))
-
-    def _move_counts(self, device: torch.device, training: bool) -> torch.Tensor:
-        self.counts, self.eval_counts = self.counts.to(device), self.eval_counts.to(device)
-        return self.counts if training else self.eval_counts
 
     def _aux_loss(self, r: Routing) -> torch.Tensor:
         c, E = self.cfg, self.n_experts
@@ -177,9 +196,8 @@ class Balancer:
         (loss-free), reset the counts. Returns MaxVio_batch (mean over layers, and per layer)."""
         if not self.layers:
             return {}
-        loads = self.counts
+        loads = self.counts                                   # a fresh [L, E] tensor
         if dist.is_available() and dist.is_initialized():
-            loads = loads.clone()
             dist.all_reduce(loads, op=dist.ReduceOp.SUM)
         loads = loads.cpu()      # one copy per optimizer step (the counts live where the routing runs)
         per_layer = maxvio(loads) if loads.sum() > 0 else torch.zeros(len(self.layers), dtype=torch.float64)
@@ -197,13 +215,13 @@ class Balancer:
                 bias += d.to(bias.device, torch.float32)
                 if c.bias_recenter:
                     bias -= bias.mean()
-        self.counts.zero_()
+        self._reset(0)
         return {"maxvio_batch": float(per_layer.mean()), "maxvio_batch_layers": per_layer.tolist()}
 
     @contextlib.contextmanager
     def measure(self):
         """Count loads of evaluation forwards inside the block (for MaxVio_global and the heatmap)."""
-        self.eval_counts.zero_()
+        self._reset(1)
         self._measuring = True
         try:
             yield self
@@ -213,7 +231,6 @@ class Balancer:
     def global_stats(self) -> dict:
         loads = self.eval_counts
         if dist.is_available() and dist.is_initialized():     # every rank counted its share of the data
-            loads = loads.clone()
             dist.all_reduce(loads, op=dist.ReduceOp.SUM)
         loads = loads.cpu()
         if not self.layers or loads.sum() == 0:

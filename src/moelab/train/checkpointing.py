@@ -43,6 +43,17 @@ def decoder_stack(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "language", model).model
 
 
+def compile_inside(block: torch.nn.Module, **compile_kwargs) -> bool:
+    """If ``block`` is checkpointed, compile its own forward and keep the checkpoint around it eager (dynamo
+    cannot trace the checkpoint's recomputation contexts); the recomputation reruns the compiled code.
+    Returns whether it was (call after :func:`enable_activation_checkpointing`)."""
+    if not getattr(block, "_moelab_checkpointed", False):
+        return False
+    inner = block.forward.args[0]                         # functools.partial(_checkpointed, forward)
+    block.forward = functools.partial(_checkpointed, torch.compile(inner, **compile_kwargs))
+    return True
+
+
 def enable_activation_checkpointing(model: torch.nn.Module) -> int:
     """Recompute every decoder block of ``model`` (a :class:`~moelab.model.transformer.DeepSeekForCausalLM`,
     LoRA / ESFT wrapped or not, or a vision-language model's language model) in backward; returns the number

@@ -13,8 +13,11 @@
 
 Modules are compiled in place (``nn.Module.compile``: parameter names and checkpoints are unchanged);
 blocks of one kind share a compiled graph, so the one-time cost does not grow with depth. It comes
-again at the first evaluation (no-grad is another graph). Works with activation checkpointing, FSDP2
-and expert parallelism (tests: losses equal the eager run's).
+again at the first evaluation (no-grad is another graph); nothing in a block may specialise the graph per
+layer (the balancer counts into per-layer buffers for this reason; a test holds a 10-layer model to one
+graph per block kind). With activation checkpointing each block's forward is compiled inside the
+checkpoint, which stays eager. Works with FSDP2 and expert parallelism (tests: losses equal the eager
+run's).
 
 Measured on the 2-core CPU (Intel Xeon, AMX; ~100M-parameter config of benchmarks/train_step.py, batch
 8 × 256, median of 5 steps; one run per setting): tokens/s eager / dense / blocks = 1,419 / 1,637 /
@@ -34,7 +37,7 @@ import shutil
 from torch import nn
 
 from moelab.errors import TrainingError
-from moelab.train.checkpointing import decoder_stack
+from moelab.train.checkpointing import compile_inside, decoder_stack
 
 
 def _check_compiler(model: nn.Module) -> None:
@@ -59,19 +62,22 @@ def compile_dense_parts(model: nn.Module) -> int:
     return len(parts)
 
 
-def compile_blocks(model: nn.Module) -> int:
+def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     """Compile every decoder block whole (router and routed experts included) and the final norm, in
-    place; returns how many modules were compiled."""
+    place; returns how many modules were compiled. A checkpointed block (activation checkpointing, enabled
+    first) gets its forward compiled inside the checkpoint."""
     _check_compiler(model)
     stack = decoder_stack(model)
-    parts: list[nn.Module] = [stack.norm, *stack.layers]
-    for m in parts:
-        m.compile()
-    return len(parts)
+    stack.norm.compile(**compile_kwargs)
+    for block in stack.layers:
+        if not compile_inside(block, **compile_kwargs):
+            block.compile(**compile_kwargs)
+    return 1 + len(stack.layers)
 
 
-def compile_model(model: nn.Module, how: bool | str) -> int:
-    """``train.compile``: False (nothing), ``"dense"`` or ``"blocks"`` (True means blocks)."""
+def compile_model(model: nn.Module, how: bool | str, **compile_kwargs) -> int:
+    """``train.compile``: False (nothing), ``"dense"`` or ``"blocks"`` (True means blocks). ``compile_kwargs``
+    go to ``torch.compile`` (whole blocks only; e.g. ``backend="aot_eager"`` in tests)."""
     if how is False:
         return 0
-    return compile_dense_parts(model) if how == "dense" else compile_blocks(model)
+    return compile_dense_parts(model) if how == "dense" else compile_blocks(model, **compile_kwargs)
