@@ -5,36 +5,35 @@
     python benchmarks/train_step.py --device cuda --configs v2lite-4l --modes autocast bf16
     python benchmarks/train_step.py --configs v2lite-4l --scale-down 16 --batch 1 --seq-len 64   # CPU dry run
 
-Presets: ``tiny`` (configs/tiny.toml), ``100m`` (~100M parameters) and ``v2lite-4l`` (issue 14):
-DeepSeek-V2-Lite (configs/deepseek-v2-lite.toml: vocab 102,400, hidden 2048, 16 heads, MLA with
-kv_lora_rank 512 and no query compression, qk_nope/rope/v 128/64/128, softmax greedy routing) cut to 4
-layers: one dense (width 10,944), then 3 MoE layers of 64 experts (width 1408) top-6 + 2 shared;
-batch 4 × 2,048 tokens. ``--scale-down D`` divides its widths and vocabulary by D (CPU dry runs).
+Presets: ``tiny`` (configs/tiny.toml), ``100m`` (~100M parameters) and ``v2lite-4l`` (issue 14): DeepSeek-V2-Lite
+(configs/deepseek-v2-lite.toml: vocab 102,400, hidden 2048, 16 heads, MLA with kv_lora_rank 512 and no query
+compression, qk_nope/rope/v 128/64/128, softmax greedy routing) cut to 4 layers: one dense (width 10,944), then 3 MoE
+layers of 64 experts (width 1408) top-6 + 2 shared; batch 4 × 2,048 tokens. ``--scale-down D`` divides its widths and
+vocabulary by D (CPU dry runs).
 
 Every model is built directly on ``--device`` from ``seed=0``; the transformers peer
-(``AutoModelForCausalLM.from_config`` of the config.json moelab writes: DeepseekV2/V3ForCausalLM, its
-default ``grouped_mm`` experts, ``sdpa`` attention) is loaded with that model's state dict, so both
-compute the same function (the first-step losses are printed side by side). A step is batch × seq_len
-tokens through forward, cross-entropy (fp32 logits), backward and ``torch.optim.AdamW(fused=True)``.
-Modes (``--modes``): ``float32``; ``autocast`` = bf16 autocast with fp32 master weights (issue 14,
-mode a); ``bf16`` = bf16 weights, no autocast (mode b). Each model runs in its own process (its own
-allocator settings, ``--host-memory``); median of ``--reps`` steps after ``--warmup`` untimed ones. On the
-CPU the models' steps interleave one at a time; on a GPU (or ``--turns``) the models take turns, each alone
-on the device. A third model, the *dense limit* (:func:`dense_limit`: every
-MoE layer a dense SwiGLU of the active width) bounds what any MoE implementation can reach. A model
-that fails in a mode gets its error in the table, and the run goes on.
+(``AutoModelForCausalLM.from_config`` of the config.json moelab writes: DeepseekV2/V3ForCausalLM, its default
+``grouped_mm`` experts, ``sdpa`` attention) is loaded with that model's state dict, so both compute the same function
+(the first-step losses are printed side by side). A step is batch × seq_len tokens through forward, cross-entropy
+(fp32 logits), backward and ``torch.optim.AdamW(fused=True)``. Modes (``--modes``): ``float32``; ``autocast`` = bf16
+autocast with fp32 master weights (issue 14, mode a); ``bf16`` = bf16 weights, no autocast (mode b). Each model runs
+in its own process (its own allocator settings, ``--host-memory``); median of ``--reps`` steps after ``--warmup``
+untimed ones. On the CPU the models' steps interleave one at a time; on a GPU (or ``--turns``) the models take turns,
+each alone on the device. A third model, the *dense limit* (:func:`dense_limit`: every MoE layer a dense SwiGLU of the
+active width) bounds what any MoE implementation can reach. A model that fails in a mode gets its error in the table,
+and the run goes on.
 
 Model FLOPs utilisation (training; the same for both libraries, whatever their kernels compute)::
 
     FLOPs/token = 6 · N_active + 3 · L · n_heads · (d_qk + d_v) · T
     MFU         = tokens/s · FLOPs/token / peak      (peak 989e12: H100/H200 SXM dense bf16)
 
-N_active = parameters a token multiplies with: all but the input embedding (a lookup) and the routed
-experts, plus K/E of the routed experts (the LM head counts). The attention term is causal: each query
-sees (T + 1)/2 ≈ T/2 keys, QKᵀ (d_qk = qk_nope + qk_rope) and PV (d_v) at 2 FLOPs per multiply-add,
-×3 for forward + backward. Counting attention as non-causal (6 · L · n_heads · (d_qk + d_v) · T, as
-the issue's baseline MFU figures did) gives a higher figure; the table prints the factor. Ends with
-``TARGET`` lines (issue 14: MFU >= 40% in autocast, >= 1.5x transformers in bf16) and one ``RESULT`` line.
+N_active = parameters a token multiplies with: all but the input embedding (a lookup) and the routed experts, plus K/E
+of the routed experts (the LM head counts). The attention term is causal: each query sees (T + 1)/2 ≈ T/2 keys, QKᵀ
+(d_qk = qk_nope + qk_rope) and PV (d_v) at 2 FLOPs per multiply-add, ×3 for forward + backward. Counting attention as
+non-causal (6 · L · n_heads · (d_qk + d_v) · T, as the issue's baseline MFU figures did) gives a higher figure; the
+table prints the factor. Ends with ``TARGET`` lines (issue 14: MFU >= 40% in autocast, >= 1.5x transformers in bf16)
+and one ``RESULT`` line.
 """
 
 from __future__ import annotations
@@ -302,9 +301,8 @@ def stop_workers(conns: dict, procs: list) -> None:
 def run_config(name: str, cfg: ModelConfig, batch: int, seq_len: int, modes: list[str], peak: float | None,
                args) -> tuple[dict[str, float], list[str]]:
     """One model config: the three workers, a table row per mode; returns RESULT entries and TARGET lines."""
-    fpt, fpt_full, formula = flops_per_token(cfg, seq_len)
+    (fpt, fpt_full, formula), tokens = flops_per_token(cfg, seq_len), batch * seq_len
     ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
-    tokens = batch * seq_len
     print(f"\n## {name}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
           f"{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok} + {cfg.n_shared_experts} shared, "
           f"batch {batch} × {seq_len} tokens, fused AdamW"
@@ -370,10 +368,9 @@ def main() -> None:
                          "for reuse (moelab.train.host_memory), a transformers process has glibc's default; "
                          "keep / release: the same setting for all (equal footing)")
     ap.add_argument("--compile", nargs="?", const="blocks", choices=["dense", "blocks"], default=False,
-                    help="moelab (and its dense limit) with train.compile: torch.compile of whole blocks (blocks, "
-                         "the default) or of their dense parts (dense); the compile happens in the warm-up steps")
-    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
-                    help="which models run (default all: moelab, the transformers peer and the dense limit)")
+                    help="moelab and its dense limit with train.compile: whole blocks (the default) or their dense "
+                         "parts, compiled in the warm-up steps; then the table and RESULT keys say _compiled_...")
+    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="which models run (default: all)")
     ap.add_argument("--compile-experts", action="store_true",
                     help="torch.compile the expert activation math (compile time is spent in the warm-up steps)")
     args = ap.parse_args()
@@ -385,22 +382,17 @@ def main() -> None:
     print(f"{where}; host memory: {args.host_memory} "
           f"({', '.join(f'{k} ' + ('keeps' if v else 'releases') for k, v in KEEP[args.host_memory].items())}); "
           f"MFU peak: {f'{peak:.3g} FLOP/s' if peak else 'none (CPU)'}")
-    summary: dict[str, float] = {}
-    targets: list[str] = []
+    summary, targets = {}, []
     for name in args.configs:
         path, overrides, batch, seq_len = CONFIGS[name]
         cfg = load_model_config(path).model_copy(update=overrides | {"compile_experts": args.compile_experts})
         if args.scale_down > 1:
             cfg, name = scale_down(cfg, args.scale_down), f"{name}/{args.scale_down}"
-        if args.compile:                               # its own RESULT keys (v2lite-4l_compiled_blocks_...)
-            name = f"{name}_compiled_{args.compile}"
+        name += f"_compiled_{args.compile}" if args.compile else ""     # RESULT keys of their own
         cfg = type(cfg)(**cfg.model_dump())            # validated
         s, t = run_config(name, cfg, args.batch or batch, args.seq_len or seq_len, modes, peak, args)
-        summary |= s
-        targets += t
-    print()
-    for line in targets:
-        print(line)
+        summary, targets = summary | s, targets + t
+    print("\n" + "".join(line + "\n" for line in targets), end="")
     print("RESULT " + " ".join(f"{k}={v:.3f}" if abs(v) < 10 else f"{k}={v:.1f}" for k, v in summary.items()))
 
 
