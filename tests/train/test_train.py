@@ -129,6 +129,17 @@ def test_recentring_changes_the_bias_but_not_the_assignments():
     assert torch.equal(bal_a.layers[0].gate(x).indices.sort(1).values, bal_b.layers[0].gate(x).indices.sort(1).values)
 
 
+def test_one_balancer_per_model_counting_into_per_layer_buffers():
+    model = _moe_model()
+    bal = Balancer(model, BalanceConfig())
+    assert all(m.balance_load.shape == (2, 8) and "balance_load" not in m.state_dict() for m in bal.layers)
+    with pytest.raises(RuntimeError, match="already has a Balancer"):
+        Balancer(model, BalanceConfig())
+    bal.detach()
+    assert not any(hasattr(m, "balance_load") for m in bal.layers)
+    Balancer(model, BalanceConfig())                  # after detach: a new one may attach
+
+
 def test_loss_free_needs_a_router_with_the_bias():
     model = _moe_model(scoring_func="softmax", topk_method="greedy")
     with pytest.raises(ConfigError, match="noaux_tc"):

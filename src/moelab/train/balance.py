@@ -102,6 +102,9 @@ class Balancer:
         self._measuring = False
         self._frozen = False
         self._aux: list[torch.Tensor] = []
+        if any(LOAD in m._buffers for m in self.layers):
+            raise RuntimeError("this model already has a Balancer attached (one per model: both would count "
+                               "into the same buffers); call detach() on the old one first")
         for m in self.layers:
             m.register_buffer(LOAD, torch.zeros(2, E, dtype=torch.long, device=m.gate.weight.device),
                               persistent=False)
