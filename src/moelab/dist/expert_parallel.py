@@ -24,7 +24,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moelab.model.experts import RoutedExperts, autocast_dtype, dispatch, grouped_mm_missing, permute, unpermute
+from moelab.model.experts import (
+    RoutedExperts,
+    autocast_dtype,
+    compute_dtype,
+    dispatch,
+    grouped_mm_missing,
+    permute,
+    unpermute,
+)
 from moelab.model.kernel_choice import choose_kernel
 from moelab.model.moe import DeepSeekMoE
 
@@ -102,7 +110,7 @@ class ExpertParallelExperts(RoutedExperts):
 
     def _compute_local(self, x_rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The local experts over rows grouped by expert ``[R, H]`` (``counts`` ``[El]``) -> ``[R, H]``."""
-        dt = autocast_dtype(x_rows) or x_rows.dtype
+        dt = compute_dtype(x_rows)
         requested = "grouped_mm" if self.impl != "loop" else "loop"
         choice = choose_kernel(requested, device_type=x_rows.device.type, dtype=dt, grad_enabled=True,
                                n_tokens=x_rows.shape[0], n_routed=x_rows.shape[0], n_experts=self.n_local,

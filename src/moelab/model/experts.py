@@ -290,7 +290,7 @@ class RoutedExperts(nn.Module):
 
     def _grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        dt = autocast_dtype(x_sorted) or x_sorted.dtype      # grouped_mm is not covered by autocast
+        dt = compute_dtype(x_sorted)                         # grouped_mm is not covered by autocast
         h = grouped_mm(x_sorted.to(dt), self.gate_up_proj.to(dt).transpose(1, 2), offs=offs)     # [M, 2I]
         gate, up = h.chunk(2, dim=-1)
         return grouped_mm(F.silu(gate) * up, self.down_proj.to(dt).transpose(1, 2), offs=offs)
@@ -306,6 +306,11 @@ class RoutedExperts(nn.Module):
         with torch.autocast(x_slots.device.type, enabled=False):
             y = PaddedSwiGLU.apply(x_slots.view(E, C, H), w_gu, w_down)
         return y.view(E * C, H)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype layers compute in on input ``x``: the autocast dtype under autocast, else x's."""
+    return autocast_dtype(x) or x.dtype
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:

@@ -68,10 +68,10 @@ class MultiHeadLatentAttention(nn.Module):
         N = self.n_heads
         q_BTNd = self._query(x).view(B, T, N, self.nope + self.rope)
         q_nope, q_pe = q_BTNd.split([self.nope, self.rope], dim=-1)
-        q_pe = rotate(q_pe, cos, sin, self.interleave)                      # [B, T, N, R]
+        q_pe = rotate(q_pe, cos, sin, self.interleave)                          # [B, T, N, R]
 
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
-        k_pe = rotate(k_pe, cos, sin, self.interleave)                      # [B, T, R]
+        k_pe = rotate(k_pe, cos, sin, self.interleave)                          # [B, T, R]
         kv = torch.cat((self.kv_a_layernorm(c_kv), k_pe), dim=-1)               # [B, T, C+R]
         if cache is not None:
             (kv,) = cache.update(self.layer_idx, kv)                            # [B, S, C+R]

@@ -18,7 +18,7 @@ from torch import nn
 
 from moelab.config import ModelConfig
 from moelab.model.cache import DecodingCache, KVCache, StaticCache, StaticSlot
-from moelab.model.experts import RoutedExperts, autocast_dtype
+from moelab.model.experts import RoutedExperts, compute_dtype
 from moelab.model.mha import GroupedQueryAttention
 from moelab.model.mla import MultiHeadLatentAttention
 from moelab.model.mlp import SwiGLU
@@ -57,11 +57,6 @@ def attention_mask_for(T: int, past: int, padding: torch.Tensor | None, device) 
         mask = mask & padding[:, None, None, :S].to(torch.bool, copy=False).to(device)
         mask = mask | (k_pos == q_pos)[None, None]
     return mask
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the layers compute in on input ``x``: the autocast dtype under autocast, else x's."""
-    return autocast_dtype(x) or x.dtype
 
 
 class DecoderLayer(nn.Module):
