@@ -274,8 +274,9 @@ class RoutedExperts(nn.Module):
         h = torch.bmm(x_s, self.gate_up_proj.index_select(0, flat).transpose(1, 2))           # [NK, 1, 2I]
         a = F.silu(h[..., :self.inner]) * h[..., self.inner:]
         y = torch.bmm(a, self.down_proj.index_select(0, flat).transpose(1, 2))                # [NK, 1, H]
-        y = (y.view(N, K, -1).to(torch.float32) * gates.to(torch.float32)[..., None]).to(x.dtype)
-        return y.sum(dim=1)
+        # gated in fp32 and rounded once to x's dtype: one mixed-dtype multiply, not three kernels
+        y = gated(y.view(N * K, -1), gates.reshape(-1).to(torch.float32))                  # [NK, H]
+        return y.view(N, K, -1).sum(dim=1)
 
     def _loop(self, x_sorted: torch.Tensor, counts: torch.Tensor, every_expert: bool = False) -> torch.Tensor:
         """The reference kernel. ``every_expert``: also visit experts with no rows, so every weight is in the

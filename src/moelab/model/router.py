@@ -71,12 +71,16 @@ class Router(FP32Buffers):
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.method != "greedy" and self.n_group > 1:
             choice = self._mask_groups(choice)
-        indices = torch.topk(choice, k=self.top_k, dim=-1, sorted=False).indices   # [N, K]
-        weights = scores.gather(1, indices)
+        top = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)                # [N, K]
+        indices = top.indices
+        # without a bias the chosen values are the scores themselves (group masking keeps the chosen
+        # groups' values): no gather, which saves a kernel per layer at every decode step
+        weights = top.values if self.e_score_correction_bias is None else scores.gather(1, indices)
         if self.norm_topk_prob and (self.top_k > 1 or not self.scale_only_if_unnormalized):
             # hub V2 (scale_only_if_unnormalized) renormalises only for K > 1; HF V3 always does
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        if not (self.scale_only_if_unnormalized and self.norm_topk_prob and self.top_k > 1):
+        scaled = not (self.scale_only_if_unnormalized and self.norm_topk_prob and self.top_k > 1)
+        if scaled and self.scale != 1.0:                                           # x·1.0 is x: no kernel
             weights = weights * self.scale
         return Routing(indices=indices, weights=weights, scores=scores, logits=logits)
 
