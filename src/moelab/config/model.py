@@ -37,8 +37,10 @@ class _Strict(BaseModel):
 class RopeScaling(_Strict):
     """YaRN context extension (docs/methods.md §4). Applies to the RoPE dimensions only.
 
-    ``mscale`` scales cos/sin by ``mscale(s, mscale)/mscale(s, mscale_all_dim)``;
-    ``mscale_all_dim`` scales the softmax by ``mscale(s, mscale_all_dim)**2``.
+    ``mscale`` scales cos/sin by ``mscale(s, mscale)/mscale(s, mscale_all_dim)`` unless ``attention_factor``
+    gives that factor outright (transformers' key); ``mscale_all_dim`` scales the softmax by
+    ``mscale(s, mscale_all_dim)**2``. ``truncate = false`` keeps the ramp's bounds unrounded (transformers'
+    key; the reference floors/ceils them).
     """
 
     type: Literal["yarn"] = "yarn"
@@ -48,9 +50,20 @@ class RopeScaling(_Strict):
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    @property
+    def cos_sin_factor(self) -> float:
+        """The factor on cos/sin: ``attention_factor``, else ``mscale(s, mscale)/mscale(s, mscale_all_dim)``."""
+        if self.attention_factor is not None:
+            return self.attention_factor
+        return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
 
     @model_validator(mode="after")
     def _check(self) -> RopeScaling:
+        if self.attention_factor is not None and self.attention_factor <= 0:
+            raise ValueError(f"rope_scaling.attention_factor must be positive (got {self.attention_factor})")
         if self.factor < 1.0:
             raise ValueError(f"rope_scaling.factor must be >= 1 (got {self.factor}); YaRN only extends context")
         if self.original_max_position_embeddings <= 0:

@@ -107,6 +107,11 @@ def load_state_into(model: DeepSeekForCausalLM, files: list[Path], on_tensor=Non
         with torch.no_grad():
             target.copy_(tensor)
         filled.add(name)
+    if unexpected and all(n.endswith("e_score_correction_bias") for n in unexpected):
+        raise CheckpointError(
+            f"the weights carry e_score_correction_bias ({unexpected[0]}, ...), the noaux_tc router's bias, but "
+            f"config.json sets topk_method = {cfg.topk_method!r}; transformers' DeepseekV3 always "
+            "uses that bias: set \"topk_method\": \"noaux_tc\" in config.json to load it")
     if unexpected:
         more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
         raise CheckpointError(f"checkpoint has tensor(s) the config does not describe: "

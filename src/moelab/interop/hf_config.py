@@ -9,11 +9,12 @@ Writes what transformers v5 writes, plus the hub-only routing fields so nothing 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 from moelab.common.jsonio import read_json
-from moelab.config import NOT_IN_CONFIG_JSON, ModelConfig, make_config
+from moelab.config import NOT_IN_CONFIG_JSON, ModelConfig, RopeScaling, make_config, yarn_mscale
 from moelab.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ _NOT_DUMPED = {*NOT_IN_CONFIG_JSON, "rope_scaling", "rope_theta", "head_dim", "n
 _IGNORED = {
     "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype", "use_cache",
     "output_router_logits", "pretraining_tp", "qk_head_dim", "_name_or_path", "tokenizer_class",
-    "output_attentions", "output_hidden_states", "return_dict", "num_mtp_layers", "mlp_bias",
+    "output_attentions", "output_hidden_states", "return_dict", "num_mtp_layers", "mlp_bias",  # false only
     "attention_dropout", "router_aux_loss_coef", "model_type", "rope_parameters", "rope_scaling",
     "rope_theta", "head_dim", "is_decoder", "problem_type", "id2label", "label2id", "chunk_size_feed_forward",
     "_attn_implementation_autoset", "bos_token", "eos_token",
@@ -105,11 +106,34 @@ def _config_from_hf(raw: dict[str, Any], where: str, **overrides: Any) -> ModelC
         values.setdefault("scoring_func", "sigmoid")
     if isinstance(values.get("eos_token_id"), list):  # several EOS ids: generation stops at the first
         values["eos_token_id"] = values["eos_token_id"][0] if values["eos_token_id"] else None
+    _as_transformers_reads(raw, values, where)
     if values.get("num_key_value_heads") == values.get("num_attention_heads") and values.get("use_mla", True):
         values["num_key_value_heads"] = None
     values["rope_theta"], values["rope_scaling"] = _rope_from_hf(raw, values)
     values.update(overrides)
-    return make_config(values, where=where)
+    cfg = make_config(values, where=where)
+    if model_type != "deepseek":
+        for w in hf_compatibility_warnings(cfg):
+            log.warning("%s: moelab follows this file where transformers would not: %s", where, w)
+    return cfg
+
+
+def _as_transformers_reads(raw: dict[str, Any], values: dict[str, Any], where: str) -> None:
+    """Settings transformers opens without complaint that moelab's own config would refuse, read as
+    transformers reads them; and the one key it honours that moelab cannot."""
+    if raw.get("mlp_bias"):
+        raise CheckpointError(f"{where}: mlp_bias = true (biases on the MLP projections) is not supported by "
+                              "moelab's DeepSeek layers; only bias-free feed-forward layers can be loaded")
+    layers, dense = values.get("num_hidden_layers"), values.get("first_k_dense_replace")
+    if isinstance(layers, int) and isinstance(dense, int) and dense > layers > 0:
+        log.info("%s: first_k_dense_replace %d > num_hidden_layers %d: every layer is dense", where, dense, layers)
+        values["first_k_dense_replace"] = layers
+    vocab = values.get("vocab_size")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        tok = values.get(key)
+        if isinstance(vocab, int) and isinstance(tok, int) and not 0 <= tok < vocab:
+            log.warning("%s: %s %d is not a token of this %d-token vocabulary; ignored", where, key, tok, vocab)
+            values[key] = None
 
 
 def _rope_from_hf(raw: dict[str, Any], values: dict[str, Any]) -> tuple[float, dict | None]:
@@ -129,8 +153,39 @@ def _rope_from_hf(raw: dict[str, Any], values: dict[str, Any]) -> tuple[float, d
     scaling = {"type": "yarn", "factor": float(factor), "original_max_position_embeddings": int(orig),
                "beta_fast": float(params.get("beta_fast") or 32), "beta_slow": float(params.get("beta_slow") or 1),
                "mscale": float(params.get("mscale") if params.get("mscale") is not None else 1.0),
-               "mscale_all_dim": float(params.get("mscale_all_dim") or 0.0)}
+               "mscale_all_dim": float(params.get("mscale_all_dim") or 0.0),
+               "truncate": bool(params.get("truncate", True))}
+    if params.get("attention_factor") is not None:
+        scaling["attention_factor"] = float(params["attention_factor"])
+    elif values["model_type"] != "deepseek":
+        # transformers reads cos/sin's factor as mscale(s, mscale)/mscale(s, mscale_all_dim) only when both
+        # are given and non-zero, else mscale(s); the hub code (moelab's rule) defaults them to 1 and 0.
+        # Where the two differ the file means what transformers computes: keep that factor.
+        hf = _hf_cos_sin_factor(scaling["factor"], params.get("mscale"), params.get("mscale_all_dim"))
+        if not math.isclose(hf, RopeScaling(**scaling).cos_sin_factor, rel_tol=1e-12):
+            scaling["attention_factor"] = hf
     return theta, scaling
+
+
+def _hf_cos_sin_factor(factor: float, mscale: float | None, mscale_all_dim: float | None) -> float:
+    """transformers' YaRN cos/sin factor for a config without ``attention_factor``."""
+    if mscale and mscale_all_dim:
+        return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    return yarn_mscale(factor)
+
+
+def _rope_to_hf(rs: RopeScaling) -> dict[str, Any]:
+    """YaRN as transformers' ``rope_parameters`` reads it back to the same tables: ``attention_factor``
+    written where transformers' rule would not find moelab's cos/sin factor, ``truncate`` when off."""
+    rope = {"rope_type": "yarn", "factor": rs.factor, "original_max_position_embeddings":
+            rs.original_max_position_embeddings, "beta_fast": rs.beta_fast, "beta_slow": rs.beta_slow,
+            "mscale": rs.mscale, "mscale_all_dim": rs.mscale_all_dim}
+    if rs.attention_factor is not None or not math.isclose(
+            _hf_cos_sin_factor(rs.factor, rs.mscale, rs.mscale_all_dim), rs.cos_sin_factor, rel_tol=1e-12):
+        rope["attention_factor"] = rs.cos_sin_factor
+    if not rs.truncate:
+        rope["truncate"] = False
+    return rope
 
 
 def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
@@ -138,11 +193,7 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, An
     d = cfg.model_dump(exclude=_NOT_DUMPED)
     rope: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
     if cfg.rope_scaling is not None:
-        rs = cfg.rope_scaling
-        rope = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": rs.factor,
-                "original_max_position_embeddings": rs.original_max_position_embeddings,
-                "beta_fast": rs.beta_fast, "beta_slow": rs.beta_slow, "mscale": rs.mscale,
-                "mscale_all_dim": rs.mscale_all_dim}
+        rope = {"rope_theta": cfg.rope_theta, **_rope_to_hf(cfg.rope_scaling)}
     d.update(
         model_type=cfg.hf_model_type,
         architectures=[_ARCH[cfg.hf_model_type]],
@@ -160,7 +211,9 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, An
     if not cfg.use_mla:
         d["head_dim"] = cfg.attn_head_dim
     if cfg.hf_model_type == "deepseek":  # the hub DeepSeekMoE code reads rope_scaling, not rope_parameters
-        d["rope_scaling"] = None if cfg.rope_scaling is None else {**cfg.rope_scaling.model_dump()}
+        rs = cfg.rope_scaling           # the newer keys only when set, as older code would not know them
+        d["rope_scaling"] = None if rs is None else rs.model_dump(
+            exclude={k for k, off in (("attention_factor", None), ("truncate", True)) if getattr(rs, k) == off})
         d.pop("rope_parameters")
     if cfg.scale_only_if_unnormalized:
         d["scale_only_if_unnormalized"] = True
@@ -185,6 +238,17 @@ def hf_compatibility_warnings(cfg: ModelConfig) -> list[str]:
     if cfg.moe_layer_freq > 1 and cfg.hf_model_type != "deepseek":
         w.append(f"transformers ignores moe_layer_freq ({cfg.moe_layer_freq}): it would make every layer from "
                  "first_k_dense_replace on an MoE layer")
+    if cfg.hf_model_type == "deepseek_v2" and not cfg.rope_interleave and cfg.use_mla:
+        w.append("transformers' DeepseekV2 always rotates interleaved pairs; this model rotates halves "
+                 "(rope_interleave=false)")
+    if (cfg.hf_model_type == "deepseek_v3" and cfg.is_moe and cfg.scale_only_if_unnormalized and cfg.norm_topk_prob
+            and cfg.num_experts_per_tok > 1 and cfg.routed_scaling_factor != 1.0):
+        w.append("transformers' DeepseekV3 scales the renormalised gates by routed_scaling_factor; this model "
+                 "does not (scale_only_if_unnormalized)")
+    if (cfg.rope_scaling is not None and cfg.rope_scaling.factor > 1.0 and not cfg.yarn_active
+            and cfg.hf_model_type != "deepseek"):
+        w.append("transformers applies YaRN whenever rope_scaling is set; this model does not (yarn_apply = "
+                 "'when_longer' and max_position_embeddings <= original_max_position_embeddings)")
     if cfg.hf_model_type == "deepseek":
         w.append("model_type 'deepseek' (DeepSeekMoE) is opened by the hub code, not transformers itself")
     return w

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from moelab.config import ModelConfig, yarn_mscale
+from moelab.config import ModelConfig, RopeScaling
 from moelab.model.fp32 import FP32Buffers
 
 
@@ -31,32 +31,41 @@ def default_inv_freq(dim: int, theta: float) -> torch.Tensor:
 
 
 def yarn_correction_range(dim: int, theta: float, orig_len: int, beta_fast: float,
-                          beta_slow: float) -> tuple[int, int]:
-    """The frequency-index range [low, high] over which YaRN ramps from keep to interpolate."""
+                          beta_slow: float, truncate: bool = True) -> tuple[float, float]:
+    """The frequency-index range [low, high] over which YaRN ramps from keep to interpolate (whole
+    indices unless ``truncate`` is off)."""
 
     def corr(n_rot: float) -> float:
         return dim * math.log(orig_len / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
 
-    low = max(math.floor(corr(beta_fast)), 0)
-    high = min(math.ceil(corr(beta_slow)), dim - 1)
-    return low, high
+    low, high = corr(beta_fast), corr(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, dim - 1)
 
 
 def yarn_inv_freq(dim: int, theta: float, factor: float, orig_len: int, beta_fast: float,
-                  beta_slow: float) -> torch.Tensor:
+                  beta_slow: float, truncate: bool = True) -> torch.Tensor:
     """YaRN inverse frequencies ``[D/2]``: high frequencies kept, low ones divided by ``factor``."""
     freq = default_inv_freq(dim, theta)
-    low, high = yarn_correction_range(dim, theta, orig_len, beta_fast, beta_slow)
+    low, high = yarn_correction_range(dim, theta, orig_len, beta_fast, beta_slow, truncate)
     high_f = high + 0.001 if low == high else float(high)
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high_f - low)).clamp(0, 1)
     return freq * (1 - ramp) + (freq / factor) * ramp
+
+
+def _inv_freq(dim: int, theta: float, yarn: RopeScaling | None) -> torch.Tensor:
+    if yarn is None:
+        return default_inv_freq(dim, theta)
+    return yarn_inv_freq(dim, theta, yarn.factor, yarn.original_max_position_embeddings, yarn.beta_fast,
+                         yarn.beta_slow, yarn.truncate)
 
 
 class RotaryEmbedding(FP32Buffers):
     """Computes cos/sin tables for positions.
 
     forward(positions ``[T]`` or ``[B, T]`` int) -> (cos, sin), each ``[..., T, D/2]`` fp32,
-    already multiplied by the YaRN cos/sin factor ``mscale(s, mscale)/mscale(s, mscale_all_dim)``.
+    already multiplied by the YaRN cos/sin factor (:attr:`RopeScaling.cos_sin_factor`).
     """
 
     _fp32_buffers = ("inv_freq",)
@@ -66,23 +75,17 @@ class RotaryEmbedding(FP32Buffers):
         dim, theta = cfg.rope_dim, cfg.rope_theta
         self.attention_scaling = 1.0
         if cfg.yarn_active:
-            rs = cfg.rope_scaling
-            inv_freq = yarn_inv_freq(dim, theta, rs.factor, rs.original_max_position_embeddings,
-                                     rs.beta_fast, rs.beta_slow)
-            self.attention_scaling = yarn_mscale(rs.factor, rs.mscale) / yarn_mscale(rs.factor, rs.mscale_all_dim)
-        else:
-            inv_freq = default_inv_freq(dim, theta)
+            self.attention_scaling = cfg.rope_scaling.cos_sin_factor
         self.inv_freq: torch.Tensor
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", _inv_freq(dim, theta, cfg.rope_scaling if cfg.yarn_active else None),
+                             persistent=False)
         self._recompute = (dim, theta, cfg.yarn_active, cfg.rope_scaling)
         self.interleave = cfg.rope_interleave
 
     def reset_parameters(self) -> None:
         """Recompute ``inv_freq`` (after a meta-device build or ``to_empty``)."""
         dim, theta, yarn, rs = self._recompute
-        inv = (yarn_inv_freq(dim, theta, rs.factor, rs.original_max_position_embeddings, rs.beta_fast,
-                             rs.beta_slow) if yarn else default_inv_freq(dim, theta))
-        self.inv_freq = inv.to(self.inv_freq.device)
+        self.inv_freq = _inv_freq(dim, theta, rs if yarn else None).to(self.inv_freq.device)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.to(torch.float32)[..., None] * self.inv_freq  # [..., T, D/2]
