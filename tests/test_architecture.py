@@ -10,7 +10,7 @@ Layers, lowest first (a module may import its own layer's package and any lower 
     4  data, infer, dist (torchrun, meshes, FSDP / expert parallelism, sharded checkpoints, the planner)
     5  train, analysis, evaluate, serve   (siblings: none imports another)
     6  tune, scaling                      (they train: built on train)
-    7  the command line: cli.py, cli_utils.py, */cli.py, */*_cli.py
+    7  the command line: cli.py (entry point), app_cli.py (the commands), cli_utils.py, */cli.py, */*_cli.py
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ LAYERS = {
     "data": 4, "infer": 4, "dist": 4, "vision": 4,
     "train": 5, "analysis": 5, "evaluate": 5, "serve": 5,
     "tune": 6, "scaling": 6,
-    "cli": 7, "cli_utils": 7,
+    "cli": 7, "cli_utils": 7, "app_cli": 7,
 }
 MAX_LINES = 400
 

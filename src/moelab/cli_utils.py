@@ -34,10 +34,26 @@ def _noting_full_disk(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Exception as e:
-        message = _disk_full_message(e)
+        message = _disk_full_message(e) or _filesystem_message(e)
         if message is None:
             raise
     raise MoelabError(message)
+
+
+def _filesystem_message(e: BaseException) -> str | None:
+    """One line for a file-system refusal no check caught (an unwritable --out, a path through a file):
+    what was refused, on which path, and what to do; None for any other exception."""
+    import errno
+
+    if not isinstance(e, OSError) or not e.filename or e.errno is None:
+        return None
+    path = re.sub(r"(^|/)\.([^/]+)\.tmp-\d+-[^/]+", r"\1\2", os.fspath(e.filename))   # the result, not its temp
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"{path}: {e.strerror.lower()}; give a path you may write to (and read), or change its "
+                "permissions")
+    if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG):
+        return f"{path}: {e.strerror.lower()}; check the path (each part but the last must be a directory)"
+    return None
 
 
 def _disk_full_message(e: BaseException) -> str | None:

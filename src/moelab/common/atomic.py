@@ -179,7 +179,7 @@ def write_dir(out: Path, write: Callable[[Path], None], *, kind: OutputKind, ove
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), dir=out.parent))
     try:
         write(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes the directory private; results are meant to be shared
+        share(tmp)
         check_output_dir(out, kind, overwrite, option)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -196,6 +196,15 @@ def write_dir(out: Path, write: Callable[[Path], None], *, kind: OutputKind, ove
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def share(tmp: Path) -> None:
+    """Make a finished temporary directory readable by everyone, as results are meant to be shared:
+    ``mkdtemp`` makes the directory private, and safetensors writes its files 0600 whatever the umask."""
+    tmp.chmod(0o755)
+    for p in tmp.rglob("*"):
+        if not p.is_symlink():
+            p.chmod(p.stat().st_mode | (0o755 if p.is_dir() else 0o644))
 
 
 def write_file(path: Path, fill: Callable, mode: str = "w") -> None:

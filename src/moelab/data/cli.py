@@ -131,6 +131,7 @@ def prefs(
     seed: Annotated[int, typer.Option(min=0, help="Sampling seed.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, ... (auto: cuda when available).")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
 ):
     """On-policy preference pairs for DPO from the model's own samples: per prompt, a correct answer
     (exact match with the reference) is chosen and an incorrect one rejected.
@@ -146,7 +147,7 @@ def prefs(
     from moelab.interop.checkpoint import load
     from moelab.tune.preferences import build_preferences
 
-    check_jsonl_out(out)
+    check_jsonl_out(out, overwrite)
     rows = [{"messages": msgs} for _, msgs in read_jsonl(task_file, skip_hint=None)][:limit]
     model = load(checkpoint, device=resolve_device(device))
     tok = load_tokenizer(checkpoint)
@@ -193,6 +194,7 @@ def tasks(
     seed: Annotated[int, typer.Option(min=0, help="Generator seed (different seeds give disjoint draws).")] = 0,
     exclude: Annotated[Path | None, typer.Option(
         help="A JSONL task file whose prompts must not appear (e.g. the training file, for a test set).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
 ):
     """Generate a prompt/completion task file offline with reasoning-gym (for `moelab finetune`).
 
@@ -203,7 +205,7 @@ def tasks(
     from moelab.data.sft import read_jsonl
     from moelab.data.tasks import check_jsonl_out, generate, write_jsonl
 
-    check_jsonl_out(out)   # before the (slow) generation
+    check_jsonl_out(out, overwrite)   # before the (slow) generation
     seen = set()
     if exclude is not None:
         seen = {m[0]["content"] for _, msgs in read_jsonl(exclude, skip_hint=None) for m in [msgs]

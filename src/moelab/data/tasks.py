@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
+from moelab.common.atomic import write_file
 from moelab.errors import DataError
 
 TASKS: dict[str, tuple[str, dict]] = {
@@ -78,9 +78,12 @@ def exact_match(prediction: str, answer: str) -> bool:
     return normalize(prediction) == normalize(answer)
 
 
-def check_jsonl_out(path: str | os.PathLike) -> Path:
-    """Refuse (a :class:`DataError`) an output path that is a directory or lies under a file."""
+def check_jsonl_out(path: str | os.PathLike, overwrite: bool = True) -> Path:
+    """Refuse (a :class:`DataError`) an output path that is a directory or lies under a file, or an existing
+    file unless ``overwrite``."""
     out = Path(path)
+    if not overwrite and out.is_file():
+        raise DataError(f"--out {out} exists; pass --overwrite to replace it, or choose another path")
     if out.is_dir():
         raise DataError(f"--out {out} is a directory; give the JSON Lines file to write, e.g. "
                         f"--out {out / 'tasks.jsonl'}")
@@ -96,15 +99,7 @@ def write_jsonl(rows: list[dict], path: str | os.PathLike) -> Path:
     """Write rows as JSON Lines atomically (temp file, then rename)."""
     out = check_jsonl_out(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file(out, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return out
 
 

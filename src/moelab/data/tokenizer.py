@@ -16,6 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from moelab.common.chat_template import CHAT_TEMPLATE, wants_chat_template
+from moelab.common.run_dir_hint import check_not_run_dir
 from moelab.errors import CheckpointError, DataError
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -126,8 +127,9 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     path = Path(directory)
     path = path if path.suffix == ".json" else path / "tokenizer.json"
     if not path.is_file():
-        raise CheckpointError(f"no tokenizer.json in {path.parent}; pass token ids with --prompt-ids, "
-                              "or save the checkpoint with a tokenizer")
+        check_not_run_dir(path.parent)
+        raise CheckpointError(f"no tokenizer.json in {path.parent}; copy the tokenizer.json the model was trained "
+                              "with next to its weights (`moelab generate` also takes token ids: --prompt-ids)")
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:

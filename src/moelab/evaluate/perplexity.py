@@ -282,9 +282,11 @@ def check_source(source, split: str = "val", text_field: str = "text") -> None:
         if TokenData(source, split).n_tokens == 0:
             raise DataError(f"the {split} split of {source} is empty; nothing to score")
         return
-    src = Source(source, text_field)
-    if not any(d.text for d in src.documents(ReadStats(quiet=True))):
-        raise DataError(f"{source} holds no text to score (no non-empty documents)")
+    src, stats = Source(source, text_field), ReadStats(quiet=True)
+    if not any(d.text for d in src.documents(stats)):
+        skipped = (f"; skipped {len(stats.skipped_files):,} file(s) that are not UTF-8 text, e.g. "
+                   f"{stats.skipped_files[0]} (convert them to UTF-8)") if stats.skipped_files else ""
+        raise DataError(f"{source} holds no text to score (no non-empty documents){skipped}")
 
 
 def perplexity(model, tokenizer, source, *, seq_len: int | None = None, stride: int | None = None,

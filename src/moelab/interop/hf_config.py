@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab.common.jsonio import read_json
+from moelab.common.run_dir_hint import check_not_run_dir
 from moelab.config import NOT_IN_CONFIG_JSON, ModelConfig, RopeScaling, make_config, yarn_mscale
 from moelab.errors import CheckpointError, ConfigError
 
@@ -255,6 +256,7 @@ def hf_compatibility_warnings(cfg: ModelConfig) -> list[str]:
 
 
 def read_config_json(directory: Path, **overrides: Any) -> ModelConfig:
+    check_not_run_dir(directory)
     path = directory / "config.json"
     raw = read_json(path, CheckpointError, missing=f"{directory} has no config.json; a checkpoint directory needs "
                     "config.json plus model.safetensors (or sharded safetensors with an index)")

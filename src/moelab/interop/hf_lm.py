@@ -115,7 +115,7 @@ def load_causal_lm(spec: str | os.PathLike, dtype: torch.dtype = torch.float32):
         _check_transformers_weights(path)      # before transformers reads anything
     try:
         with _quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:
         raise CheckpointError(f"cannot open the tokenizer of {path}: {_one_line(e)}") from None
     if deepseek:
@@ -161,7 +161,8 @@ def _transformers_model(path: Path, dtype: torch.dtype):
     try:
         with _quiet_transformers():
             model, info = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True)
+                path, dtype=dtype, use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True,
+                trust_remote_code=False)   # never run a checkpoint's code, nor ask whether to
     except Exception as e:
         raise CheckpointError(f"transformers cannot open {path}: {_one_line(e)}") from None
     hint = "; is config.json the one for these weights?"

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from moelab.common.run_dir_hint import check_not_run_dir
 from moelab.errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
@@ -111,6 +112,7 @@ def weight_files(directory: Path) -> list[Path]:
             f"{directory} holds only pickle weights ({', '.join(pickles[:3])}); moelab never unpickles "
             "files. Convert them to safetensors (e.g. with transformers: load, then "
             "save_pretrained(..., safe_serialization=True)) and try again")
+    check_not_run_dir(directory)
     raise CheckpointError(f"{directory} has no weights: expected {SINGLE} or sharded safetensors with {INDEX}")
 
 

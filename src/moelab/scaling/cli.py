@@ -161,7 +161,7 @@ def suggest(
     seq_len: Annotated[int, typer.Option(min=1, help="Sequence length, to express B_opt in sequences.")] = 4096,
     vocab: Annotated[int, typer.Option(min=1, help="Vocabulary, for the parameter count of the shape.")] = 102400,
     multiple: Annotated[int, typer.Option(min=2, help="Round the width d to a multiple of this.")] = 64,
-    aspect: Annotated[float, typer.Option(help="Preferred width/depth ratio d/L of the shape.")] = 100.0,
+    aspect: Annotated[float, typer.Option(min=1e-3, help="Preferred width/depth ratio d/L of the shape.")] = 100.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ):
     """Peak LR, batch size, model scale and data that DeepSeek LLM's laws give for a budget C.
@@ -219,7 +219,7 @@ def isoflop(
     widths: Annotated[str, typer.Option(help="Range of the width d, MIN,MAX.")] = "32,192",
     width_multiple: Annotated[int, typer.Option(min=2, help="d is a multiple of this.")] = 16,
     seq_len: Annotated[int, typer.Option(min=2, help="Training sequence length l_seq (also in M).")] = 128,
-    aspect: Annotated[float, typer.Option(help="Preferred d/L among shapes of about the same M.")] = 32.0,
+    aspect: Annotated[float, typer.Option(min=1e-3, help="Preferred d/L among shapes of about the same M.")] = 32.0,
     span: Annotated[float | None, typer.Option(
         help="Sample 10^±SPAN around the paper's M_opt(C) instead of the whole feasible range.")] = None,
     hparams: Annotated[str, typer.Option(

@@ -133,8 +133,9 @@ def read_expert_load(run_dir: Path) -> tuple[np.ndarray, list[int]] | None:
         return None
     try:
         load = np.load(npy, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ReportError(f"cannot read {npy}: {e}") from None
+    except (OSError, ValueError) as e:   # numpy's text suggests allow_pickle: moelab never unpickles
+        raise ReportError(f"cannot read {npy}: not a plain numeric .npy array ({type(e).__name__}); delete it "
+                          "(training writes it anew at its next evaluation)") from None
     if load.ndim != 2 or load.shape[0] < 1 or load.shape[1] < 2:
         raise ReportError(f"{npy} must be a [n_moe_layers, n_experts] array, got shape {load.shape}")
     load = load.astype(np.float64)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from moelab.common.atomic import share
 from moelab.dist.checkpoint import read_run_state
 from moelab.errors import CheckpointError
 
@@ -55,7 +56,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
         torch.save(payload, tmp / "train_state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, "tokens": state.get("tokens", 0),
                                                    "time": time.time()}, indent=2))
-        tmp.chmod(0o755)
+        share(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from moelab.common.atomic import CHECKPOINT, check_output_dir, write_text
+from moelab.common.run_dir_hint import check_not_run_dir
 from moelab.data.sft import load_sft
 from moelab.data.tokenizer import load_tokenizer
 from moelab.data.tokens import TokenData
@@ -62,6 +63,7 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
 def build_job(cfg: FinetuneConfig) -> tuple[Job, dict]:
     """Load the base model and the data, apply the method; returns the job and a summary dict."""
     base = Path(cfg.finetune.base)
+    check_not_run_dir(base)
     if not (base / "config.json").is_file():
         raise CheckpointError(f"finetune.base {base} is not a checkpoint directory (no config.json); give the "
                               "directory written by `moelab train` (RUN_DIR/model) or a Hugging Face export")
