@@ -131,3 +131,27 @@ def test_ctrl_c_during_start_up_is_calm():
     _, stderr = p.communicate(timeout=60)
     assert "Traceback" not in stderr, stderr
     assert p.returncode in (0, 130), (p.returncode, stderr)
+
+
+def test_a_negative_seed_is_refused_by_name_before_the_run_directory_exists(tmp_path):
+    fails("train", TINY, "--out", tmp_path / "run", "--set", "train.seed=-1", says="train.seed must be >= 0")
+    assert not (tmp_path / "run").exists()
+
+
+def test_serve_on_a_taken_port_says_so_before_loading(tiny_checkpoint):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        fails("serve", tiny_checkpoint, "--port", port, says=f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_extend_context_checks_the_weights_it_copies(tiny_checkpoint, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    fails("extend-context", ckpt, "--factor", "2", "--out", tmp_path / "long", says="is truncated")
+    assert not (tmp_path / "long").exists()

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from moelab.cli import app
 from moelab.config import make_config
-from moelab.errors import ConfigError, TrainingError
+from moelab.errors import CheckpointError, ConfigError, TrainingError
 from moelab.interop.checkpoint import load
 from moelab.train.config import RunConfig
 from moelab.train.loop import train
@@ -80,6 +80,13 @@ def test_auto_is_the_cpu_here_and_resume_may_change_the_device(excerpt_tokens, t
     assert again.step == 9
     change = json.loads((tmp_path / "r" / "config_changes.jsonl").read_text().splitlines()[-1])
     assert set(change["changes"]) == {"train.steps", "train.device"}
+
+
+def test_resume_with_another_model_shape_says_the_shape_stays(excerpt_tokens, tmp_path):
+    train(run_config(excerpt_tokens, steps=3), tmp_path / "r", progress=False)
+    with pytest.raises(CheckpointError, match=r"has shape .*A run keeps its model's shape .*undo the change"):
+        train(run_config(excerpt_tokens, model=dict(intermediate_size=48), steps=6), tmp_path / "r", resume=True,
+              progress=False, allow_config_change=True)
 
 
 # ------------------------------------------------------------------------------------------------

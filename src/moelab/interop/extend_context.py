@@ -26,6 +26,7 @@ from moelab.config import ModelConfig
 from moelab.config.model import RopeScaling
 from moelab.errors import CheckpointError
 from moelab.interop.hf_config import config_to_hf, read_config_json
+from moelab.interop.weights import check_weight_files
 
 
 def extended_config(cfg: ModelConfig, factor: float, beta_fast: float = 32.0, beta_slow: float = 1.0,
@@ -54,6 +55,7 @@ def extend_context(ckpt: str | os.PathLike, factor: float, out: str | os.PathLik
     if out.exists() and out.resolve() == src.resolve():
         raise CheckpointError("--out is the checkpoint itself; write the extended checkpoint to a new directory")
     cfg = read_config_json(src)
+    check_weight_files(src)                 # the weights are copied unread: check them whole first
     new = extended_config(cfg, factor, **yarn)
     raw = json.loads((src / "config.json").read_text())
     dtype = str(raw.get("torch_dtype") or raw.get("dtype") or "float32")

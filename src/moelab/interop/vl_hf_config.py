@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab.common.jsonio import read_json
+from moelab.common.run_dir_hint import check_not_run_dir
 from moelab.errors import CheckpointError, ConfigError
 from moelab.interop.hf_config import config_from_hf, config_to_hf
 from moelab.model.vision_encoder import VisionConfig
@@ -183,13 +184,14 @@ def read_vl_config(directory: str | Path, *, image_token_id: int | None = None, 
     ``<image>`` id: ``image_token_id``, else config.json's, else its tokenizer.json's). ``overrides`` go to
     the language model (e.g. ``attn_impl="naive"``)."""
     directory = Path(directory)
+    check_not_run_dir(directory)
     path = directory / "config.json"
     raw = read_json(path, CheckpointError, missing=f"{directory} has no config.json; a VL checkpoint directory "
                     "needs config.json plus model.safetensors (or sharded safetensors with an index)")
     where = str(path)
     if raw.get("model_type") != MODEL_TYPE:
-        hint = (" — a language-model checkpoint: open it with moelab.load" if "language_config" not in raw and
-                raw.get("model_type") in ("deepseek_v2", "deepseek_v3", "deepseek") else "")
+        text_only = "language_config" not in raw and raw.get("model_type") in ("deepseek_v2", "deepseek_v3", "deepseek")
+        hint = " — a language-model checkpoint: use `moelab generate` (or moelab.load in Python)" if text_only else ""
         raise CheckpointError(f"{where}: model_type {raw.get('model_type')!r} is not a DeepSeek-VL2 checkpoint "
                               f"(model_type {MODEL_TYPE!r}){hint}")
     for key, want in (("tile_tag", "2D"), ("global_view_pos", "head")):

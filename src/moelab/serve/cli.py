@@ -80,6 +80,7 @@ def serve(
                         request_timeout=request_timeout, api_key=api_key, limit_concurrency=limit_concurrency,
                         drain_timeout=drain_timeout, log_level=log_level)
     opts.check()
+    opts.check_port()
     app, engine = build_server(opts)
     pool = engine.pool
     name = escape(opts.model_name or checkpoint.resolve().name)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,21 @@ class ServeOptions:
         if not 0 <= self.port <= 65535:
             raise MoelabError(f"--port must lie in 0..65535 (got {self.port})")
 
+    def check_port(self) -> None:
+        """Refuse a host/port this process cannot listen on (taken, or not an address of this machine)
+        before the model loads, rather than after, in uvicorn's words."""
+        import socket
+
+        try:
+            infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family, _, _, _, address = infos[0]
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds
+                s.bind(address)
+        except OSError as e:
+            raise MoelabError(f"cannot listen on {self.host}:{self.port} ({e.strerror or e}); pick another "
+                              "--port (or --host), or stop what is using it") from None
+
 
 def build_server(opts: ServeOptions, progress: bool = True):
     """Load the checkpoint and its tokenizer; return ``(app, engine)`` (the engine starts with the app)."""
@@ -74,6 +90,9 @@ def build_server(opts: ServeOptions, progress: bool = True):
     cfg = model.config
     context = cfg.max_position_embeddings
     max_prompt = min(opts.max_prompt_tokens or context - 1, context - 1)
+    if opts.max_prompt_tokens and opts.max_prompt_tokens > max_prompt:
+        warnings.warn(f"--max-prompt-tokens {opts.max_prompt_tokens} exceeds the model's context of {context} "
+                      f"tokens: prompts of up to {max_prompt} tokens are accepted", stacklevel=2)
     limits = Limits(context=context, max_prompt_tokens=max_prompt, max_tokens=min(opts.max_tokens, context - 1),
                     default_max_tokens=min(16, opts.max_tokens))
 

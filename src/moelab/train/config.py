@@ -138,6 +138,8 @@ class TrainConfig(_Section):
                      f"(got {self.dtype!r}), or keep float32 weights")
         if self.threads is not None and self.threads < 0:
             p.append(f"train.threads must be >= 0 (got {self.threads}); 0 or unset uses PyTorch's default")
+        if self.seed < 0:
+            p.append(f"train.seed must be >= 0 (got {self.seed})")
         if p:
             raise ValueError("; ".join(p))
         return self

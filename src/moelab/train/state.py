@@ -72,8 +72,12 @@ def load_checkpoint(ckpt: Path, model, optimizer, load_weights) -> dict:
     """Restore weights (in place) and optimizer state; returns the saved training state."""
     try:
         load_weights(model, ckpt)
-    except CheckpointError:
-        raise
+    except CheckpointError as e:
+        if "has shape" not in str(e):
+            raise
+        raise CheckpointError(f"cannot resume from {ckpt}: {e}. A run keeps its model's shape (even with "
+                              "--allow-config-change): undo the change to [model], or start a new run under "
+                              "another --out") from None
     except Exception as e:
         raise CheckpointError(f"cannot resume from {ckpt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                               ) from None
