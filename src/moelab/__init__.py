@@ -12,6 +12,7 @@ The names below are imported on first use, so that ``import moelab`` (and the ``
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -34,4 +35,6 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_WHERE[name]), name)
         globals()[name] = value
         return value
+    if not name.startswith("_") and importlib.util.find_spec(f"moelab.{name}") is not None:
+        return importlib.import_module(f"moelab.{name}")   # moelab.config, moelab.model, ... as before
     raise AttributeError(f"module 'moelab' has no attribute {name!r}")
