@@ -117,7 +117,7 @@ def test_eval_ppl_names_a_file_that_is_not_utf8(tiny_checkpoint, tmp_path):
 
 
 def test_bad_numbers_are_refused_before_any_work(tiny_checkpoint, tmp_path):
-    fails("extend-context", tiny_checkpoint, "--factor", "inf", "--out", tmp_path / "e", says="finite number > 1")
+    fails("extend-context", tiny_checkpoint, "--factor", "inf", "--out", tmp_path / "e", says="must be > 1 and finite")
     fails("scaling", "suggest", "--budget", "1e20", "--aspect", "0", says="--aspect")
 
 

@@ -85,7 +85,7 @@ def test_auto_is_the_cpu_here_and_resume_may_change_the_device(excerpt_tokens, t
 def test_resume_with_another_model_shape_says_the_shape_stays(excerpt_tokens, tmp_path):
     train(run_config(excerpt_tokens, steps=3), tmp_path / "r", progress=False)
     with pytest.raises(CheckpointError, match=r"has shape .*A run keeps its model's shape .*undo the change"):
-        train(run_config(excerpt_tokens, model=dict(intermediate_size=48), steps=6), tmp_path / "r", resume=True,
+        train(run_config(excerpt_tokens, model=dict(moe_intermediate_size=24), steps=6), tmp_path / "r", resume=True,
               progress=False, allow_config_change=True)
 
 

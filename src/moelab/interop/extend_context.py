@@ -33,7 +33,7 @@ def extended_config(cfg: ModelConfig, factor: float, beta_fast: float = 32.0, be
                     mscale: float = 0.707, mscale_all_dim: float = 0.707) -> ModelConfig:
     """``cfg`` with its context extended ``factor`` times by YaRN (module docstring)."""
     if not 1 < factor < float("inf"):
-        raise CheckpointError(f"--factor must be a finite number > 1 (got {factor}); YaRN extends the context")
+        raise CheckpointError(f"--factor must be > 1 and finite (got {factor}); YaRN extends the context")
     old = cfg.rope_scaling
     if old is not None:
         scaling = old.model_copy(update={"factor": old.factor * factor})
