@@ -54,3 +54,26 @@ def test_decode_step_stays_within_its_kernel_budget(decode_ops, monkeypatch, bat
     assert ops.get("aten::gather", 0) == 0
     assert ops.get("aten::flip", 0) == L                   # interleaved rope: one flip per rotation
     assert ops.get("cast", 0) <= 2 * L + 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_token_gating_is_bitwise_the_cast_multiply_cast_it_replaced(dtype):
+    """Under autocast the expert outputs are bf16 while x (fp32 activations) sets the result's dtype."""
+    from moelab.config import make_config
+    from moelab.model.experts import RoutedExperts
+
+    cfg = make_config(dict(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=32))
+    torch.manual_seed(0)
+    layer = RoutedExperts(cfg)
+    layer.reset_parameters(0.02)
+    layer = layer.to(dtype)
+    x, idx, gates = torch.randn(2, 64, dtype=dtype), torch.tensor([[0, 3, 5, 9], [1, 3, 7, 15]]), torch.rand(2, 4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer._few_tokens(x, idx, gates)
+        h = torch.bmm(x.repeat_interleave(4, 0)[:, None], layer.gate_up_proj[idx.reshape(-1)].transpose(1, 2))
+        a = torch.nn.functional.silu(h[..., :32]) * h[..., 32:]
+        y = torch.bmm(a, layer.down_proj[idx.reshape(-1)].transpose(1, 2)).view(2, 4, -1)
+        ref = (y.to(torch.float32) * gates[..., None]).to(x.dtype).sum(dim=1)
+    assert out.dtype == x.dtype
+    assert torch.equal(out, ref)

@@ -120,3 +120,14 @@ def test_v2_files_transformers_reads_alike_load_silently(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="moelab"):
         moelab.load(tmp_path)
     assert "transformers would not" not in caplog.text
+
+
+@pytest.mark.parametrize("mscales", [dict(mscale=0.707), dict(mscale=0.0, mscale_all_dim=0.707)],
+                         ids=["lone_mscale", "zero_mscale"])
+def test_moelab_round_trip_keeps_its_yarn_config(mscales, tmp_path):
+    """attention_factor is written for transformers' sake only: read back, moelab's config is the saved one
+    (else train.init_from would see "another architecture")."""
+    cfg = make_config(TINY | V3 | dict(scoring_func="sigmoid", topk_method="noaux_tc", rope_scaling=dict(
+        factor=4.0, original_max_position_embeddings=32, **mscales)))
+    moelab.save(DeepSeekForCausalLM.from_config(cfg, seed=3), tmp_path)
+    assert moelab.load(tmp_path).config.rope_scaling == cfg.rope_scaling

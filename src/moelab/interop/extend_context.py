@@ -36,7 +36,8 @@ def extended_config(cfg: ModelConfig, factor: float, beta_fast: float = 32.0, be
         raise CheckpointError(f"--factor must be > 1 and finite (got {factor}); YaRN extends the context")
     old = cfg.rope_scaling
     if old is not None:
-        scaling = old.model_copy(update={"factor": old.factor * factor})
+        # a fixed cos/sin factor belonged to the old scale: the new one follows from mscale / mscale_all_dim
+        scaling = old.model_copy(update={"factor": old.factor * factor, "attention_factor": None})
     else:
         scaling = RopeScaling(factor=factor, original_max_position_embeddings=cfg.max_position_embeddings,
                               beta_fast=beta_fast, beta_slow=beta_slow, mscale=mscale, mscale_all_dim=mscale_all_dim)

@@ -105,15 +105,17 @@ def _config_from_hf(raw: dict[str, Any], where: str, **overrides: Any) -> ModelC
             values["use_mla"] = False
     if model_type == "deepseek_v3":  # transformers' V3 router is always sigmoid + noaux_tc
         values.setdefault("scoring_func", "sigmoid")
-    if isinstance(values.get("eos_token_id"), list):  # several EOS ids: generation stops at the first
-        values["eos_token_id"] = values["eos_token_id"][0] if values["eos_token_id"] else None
+    if isinstance(values.get("eos_token_id"), list):  # several EOS ids: generation stops at the first real one
+        vocab, ids = values.get("vocab_size"), values["eos_token_id"]
+        real = [i for i in ids if isinstance(i, int) and not (isinstance(vocab, int) and not 0 <= i < vocab)]
+        values["eos_token_id"] = (real or ids or [None])[0]
     _as_transformers_reads(raw, values, where)
     if values.get("num_key_value_heads") == values.get("num_attention_heads") and values.get("use_mla", True):
         values["num_key_value_heads"] = None
     values["rope_theta"], values["rope_scaling"] = _rope_from_hf(raw, values)
     values.update(overrides)
     cfg = make_config(values, where=where)
-    if model_type != "deepseek":
+    if model_type != "deepseek" and cfg.use_mla:      # (MHA files, e.g. DeepSeek-VL2-tiny's, are not for them)
         for w in hf_compatibility_warnings(cfg):
             log.warning("%s: moelab follows this file where transformers would not: %s", where, w)
     return cfg
@@ -156,15 +158,22 @@ def _rope_from_hf(raw: dict[str, Any], values: dict[str, Any]) -> tuple[float, d
                "mscale": float(params.get("mscale") if params.get("mscale") is not None else 1.0),
                "mscale_all_dim": float(params.get("mscale_all_dim") or 0.0),
                "truncate": bool(params.get("truncate", True))}
+    own = RopeScaling(**scaling).cos_sin_factor         # moelab's (the hub code's) rule
     if params.get("attention_factor") is not None:
-        scaling["attention_factor"] = float(params["attention_factor"])
+        # kept only where it says something the mscale keys do not (moelab writes it where transformers'
+        # rule would miss moelab's factor: read back, the config is the one that was saved)
+        if not math.isclose(float(params["attention_factor"]), own, rel_tol=1e-9):
+            scaling["attention_factor"] = float(params["attention_factor"])
     elif values["model_type"] != "deepseek":
         # transformers reads cos/sin's factor as mscale(s, mscale)/mscale(s, mscale_all_dim) only when both
         # are given and non-zero, else mscale(s); the hub code (moelab's rule) defaults them to 1 and 0.
-        # Where the two differ the file means what transformers computes: keep that factor.
+        # Where the two differ the file means what transformers computes: keep that factor, and say so.
         hf = _hf_cos_sin_factor(scaling["factor"], params.get("mscale"), params.get("mscale_all_dim"))
-        if not math.isclose(hf, RopeScaling(**scaling).cos_sin_factor, rel_tol=1e-12):
+        if not math.isclose(hf, own, rel_tol=1e-12):
             scaling["attention_factor"] = hf
+            log.warning("config.json: YaRN mscale %s with mscale_all_dim %s: transformers scales cos/sin by "
+                        "%.4f, the hub code by %.4f; moelab follows transformers (write attention_factor to choose)",
+                        params.get("mscale"), params.get("mscale_all_dim"), hf, own)
     return theta, scaling
 
 

@@ -274,9 +274,12 @@ class RoutedExperts(nn.Module):
         h = torch.bmm(x_s, self.gate_up_proj.index_select(0, flat).transpose(1, 2))           # [NK, 1, 2I]
         a = F.silu(h[..., :self.inner]) * h[..., self.inner:]
         y = torch.bmm(a, self.down_proj.index_select(0, flat).transpose(1, 2))                # [NK, 1, H]
-        # gated in fp32 and rounded once to x's dtype: one mixed-dtype multiply, not three kernels
-        y = gated(y.view(N * K, -1), gates.reshape(-1).to(torch.float32))                  # [NK, H]
-        return y.view(N, K, -1).sum(dim=1)
+        y, g = y.view(N, K, -1), gates.to(torch.float32)[..., None]
+        if torch.compiler.is_compiling():                   # inductor fuses the plain expression
+            return (y.to(torch.float32) * g).to(x.dtype).sum(dim=1)
+        # gated in fp32 and rounded once to x's dtype (fp32 under autocast with fp32 activations): one
+        # mixed-dtype multiply instead of cast -> multiply -> cast, bitwise the same
+        return torch.mul(y, g, out=torch.empty(y.shape, dtype=x.dtype, device=y.device)).sum(dim=1)
 
     def _loop(self, x_sorted: torch.Tensor, counts: torch.Tensor, every_expert: bool = False) -> torch.Tensor:
         """The reference kernel. ``every_expert``: also visit experts with no rows, so every weight is in the

@@ -72,11 +72,14 @@ class ServeOptions:
             infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
             family, _, _, _, address = infos[0]
             with socket.socket(family, socket.SOCK_STREAM) as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn (asyncio) binds
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 s.bind(address)
         except OSError as e:
-            raise MoelabError(f"cannot listen on {self.host}:{self.port} ({e.strerror or e}); pick another "
-                              "--port (or --host), or stop what is using it") from None
+            where = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+            raise MoelabError(f"cannot listen on {where} ({e.strerror or e}); pick another --port (or --host), "
+                              "or stop what is using it") from None
 
 
 def build_server(opts: ServeOptions, progress: bool = True):
