@@ -130,7 +130,8 @@ def test_ctrl_c_during_start_up_is_calm():
     p.send_signal(signal.SIGINT)
     _, stderr = p.communicate(timeout=60)
     assert "Traceback" not in stderr, stderr
-    assert p.returncode in (0, 130), (p.returncode, stderr)
+    # 130: interrupted in moelab; -SIGINT: before Python itself was up (a loaded machine); 0: it was done
+    assert p.returncode in (0, 130, -signal.SIGINT), (p.returncode, stderr)
 
 
 def test_a_negative_seed_is_refused_by_name_before_the_run_directory_exists(tmp_path):

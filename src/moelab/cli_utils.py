@@ -47,13 +47,20 @@ def _filesystem_message(e: BaseException) -> str | None:
 
     if not isinstance(e, OSError) or not e.filename or e.errno is None:
         return None
-    path = re.sub(r"(^|/)\.([^/]+)\.tmp-\d+-[^/]+", r"\1\2", os.fspath(e.filename))   # the result, not its temp
+    path = _result_path(e.filename)
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return (f"{path}: {e.strerror.lower()}; give a path you may write to (and read), or change its "
                 "permissions")
     if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG):
         return f"{path}: {e.strerror.lower()}; check the path (each part but the last must be a directory)"
     return None
+
+
+def _result_path(filename) -> str:
+    """Name the result, not its temporary sibling: ``.OUT.tmp-PID-XXXX/f`` -> ``OUT/f``,
+    ``.tmp-step-N-XXXX`` -> ``step-N``."""
+    path = re.sub(r"(^|/)\.([^/]+)\.tmp-\d+-[^/]+", r"\1\2", os.fspath(filename))
+    return re.sub(r"(^|/)\.tmp-(step-\d+)-[^/]+", r"\1\2", path)
 
 
 def _disk_full_message(e: BaseException) -> str | None:
@@ -82,9 +89,8 @@ def _disk_full_message(e: BaseException) -> str | None:
     if not full:
         return None
     filename = filename or _file_being_written(e.__traceback__)
-    if filename:   # name the result, not its temporary sibling: .OUT.tmp-PID-XXXX/f -> OUT/f
-        filename = re.sub(r"(^|/)\.([^/]+)\.tmp-\d+-[^/]+", r"\1\2", str(filename))
-        filename = re.sub(r"(^|/)\.tmp-(step-\d+)-[^/]+", r"\1\2", filename)
+    if filename:
+        filename = _result_path(filename)
     what = f"writing {filename}" if filename else "writing (no space left on device)"
     return f"disk full while {what} (free some space, then run again; nothing was half-written)"
 

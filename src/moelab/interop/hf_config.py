@@ -105,10 +105,6 @@ def _config_from_hf(raw: dict[str, Any], where: str, **overrides: Any) -> ModelC
             values["use_mla"] = False
     if model_type == "deepseek_v3":  # transformers' V3 router is always sigmoid + noaux_tc
         values.setdefault("scoring_func", "sigmoid")
-    if isinstance(values.get("eos_token_id"), list):  # several EOS ids: generation stops at the first real one
-        vocab, ids = values.get("vocab_size"), values["eos_token_id"]
-        real = [i for i in ids if isinstance(i, int) and not (isinstance(vocab, int) and not 0 <= i < vocab)]
-        values["eos_token_id"] = (real or ids or [None])[0]
     _as_transformers_reads(raw, values, where)
     if values.get("num_key_value_heads") == values.get("num_attention_heads") and values.get("use_mla", True):
         values["num_key_value_heads"] = None
@@ -132,9 +128,16 @@ def _as_transformers_reads(raw: dict[str, Any], values: dict[str, Any], where: s
         log.info("%s: first_k_dense_replace %d > num_hidden_layers %d: every layer is dense", where, dense, layers)
         values["first_k_dense_replace"] = layers
     vocab = values.get("vocab_size")
+
+    def outside(tok: Any) -> bool:
+        return isinstance(vocab, int) and isinstance(tok, int) and not 0 <= tok < vocab
+
+    if isinstance(values.get("eos_token_id"), list):  # several EOS ids: generation stops at the first real one
+        ids = values["eos_token_id"]
+        values["eos_token_id"] = ([i for i in ids if not outside(i)] or ids or [None])[0]
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         tok = values.get(key)
-        if isinstance(vocab, int) and isinstance(tok, int) and not 0 <= tok < vocab:
+        if outside(tok):
             log.warning("%s: %s %d is not a token of this %d-token vocabulary; ignored", where, key, tok, vocab)
             values[key] = None
 
